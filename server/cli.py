@@ -1,0 +1,150 @@
+"""The ``understudy`` command.
+
+    understudy serve [--config FILE] [--host H] [--port P]
+    understudy models list [--config FILE] [--json]
+    understudy hardware [--json]
+
+Exit status: 0 on success, 2 for a configuration or usage error (the message names the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.config import Config, ConfigError, load_config, with_overrides
+
+MIB = 1024 * 1024
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(Path(args.config) if args.config else None)
+    return with_overrides(config, getattr(args, "host", None), getattr(args, "port", None))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _setup_logging(config.server.log_level)
+    import uvicorn
+
+    from hardware.detect import detect
+    from server.app import create_app
+
+    hw = detect()
+    log = logging.getLogger("understudy")
+    log.info("hardware: %s, %d usable cores, %d MiB usable RAM, GPUs: %s", hw.cpu.model, hw.usable_cores,
+             hw.usable_memory_bytes // MIB, ", ".join(g.name for g in hw.gpu.gpus) or f"none ({hw.gpu.reason})")
+    log.info("config: %s", config.source or "none (embedded default, fully local)")
+    app = create_app(config, hw)
+    uvicorn.run(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        log_level=config.server.log_level,
+        access_log=config.server.log_level == "debug",
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.integrity import verify
+
+    config = _load(args)
+    out: list[dict[str, Any]] = []
+    for spec in config.models:
+        result = verify(spec)
+        out.append({
+            "id": spec.id, "kind": spec.kind.value, "format": spec.format.value, "state": result.check.value,
+            "source": spec.source, "path": str(spec.path) if spec.path else None, "sha256": spec.sha256,
+            "context_length": spec.context_length, "problem": result.message or None,
+        })
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    rows = [["ID", "KIND", "FORMAT", "STATE", "SOURCE", "PATH"]]
+    rows += [[m["id"], m["kind"], m["format"], m["state"], m["source"], m["path"] or "-"] for m in out]
+    print(_table(rows))
+    for m in out:
+        if m["problem"]:
+            print(f"\n{m['id']}: {m['problem']}")
+    return 0
+
+
+def cmd_hardware(args: argparse.Namespace) -> int:
+    from hardware.detect import detect
+
+    hw = detect()
+    if args.json:
+        print(json.dumps(hw.to_dict(), indent=2))
+        return 0
+    cg = hw.cgroup
+    rows = [
+        ["CPU", hw.cpu.model],
+        ["Architecture", hw.cpu.arch],
+        ["Cores", f"{hw.cpu.physical_cores} physical, {hw.cpu.logical_cores} logical, {hw.cpu.affinity_cores} allowed"],
+        ["CPU features", " ".join(hw.cpu.flags) or "-"],
+        ["RAM", f"{hw.memory.total_bytes // MIB} MiB total, {hw.memory.available_bytes // MIB} MiB available"],
+        ["Container limits", "none" if cg.version is None else
+         f"cgroup {cg.version}: cpu {cg.cpu_quota_cores if cg.cpu_quota_cores is not None else 'unlimited'}, "
+         f"memory {cg.memory_limit_bytes // MIB if cg.memory_limit_bytes else 'unlimited'}{' MiB' if cg.memory_limit_bytes else ''}"],
+        ["Usable", f"{hw.usable_cores} cores for compute threads, {hw.usable_memory_bytes // MIB} MiB for models"],
+    ]
+    if hw.gpu.gpus:
+        rows.append(["GPU driver", f"{hw.gpu.driver_version} (CUDA {hw.gpu.cuda_driver_version or '?'})"])
+        for g in hw.gpu.gpus:
+            rows.append([f"GPU {g.index}", f"{g.name}, {g.memory_total_bytes // MIB} MiB total, {g.memory_free_bytes // MIB} MiB free"])
+    else:
+        rows.append(["GPUs", f"none ({hw.gpu.reason})"])
+    print(_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="understudy", description="Local OpenAI-compatible server with cloud failover.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    serve.add_argument("--config", help="TOML config file (default: $UNDERSTUDY_CONFIG, else the embedded default)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=cmd_serve)
+    models = sub.add_parser("models", help="the model catalog")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    listing = models_sub.add_parser("list", help="list the catalog and check each file's sha256")
+    listing.add_argument("--config")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_models)
+    hardware = sub.add_parser("hardware", help="what this machine has")
+    hardware.add_argument("--json", action="store_true")
+    hardware.set_defaults(func=cmd_hardware)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"understudy: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

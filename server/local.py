@@ -1,0 +1,246 @@
+"""Serving a request with a local model: validation against the model, submission, results.
+
+Called on the event-loop thread by the HTTP handlers (``server.api``) and by the router when a
+workload falls back to its local model (``server.routing``). Never blocks: tokenizing and the
+chat template run inline (microseconds to a few milliseconds), everything else is awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.bridge import Channel, Delta, Final
+from models.catalog import ModelKind
+from models.engine_base import EngineFailure, EngineOverloaded, EngineStopped, InputTooLong, QueueTimedOut
+from models.registry import ModelEntry, ModelRegistry, ModelState
+from models.sequence import SamplingParams
+from server import openai_format as fmt
+from server.errors import (
+    ApiError,
+    ContextLengthExceeded,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    Overloaded,
+    QueueTimeout,
+)
+from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected while its request was queued or running."""
+
+
+@dataclass
+class Generation:
+    entry: ModelEntry
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    chat: bool
+    include_usage: bool
+
+
+def engine_error(exc: BaseException | None, retry_after: float = 1.0) -> ApiError:
+    """Map an engine-side failure (``Final.error``) to what the client sees."""
+    if isinstance(exc, QueueTimedOut):
+        return QueueTimeout(f"The request waited too long for a free slot ({exc}). Retry later.", retry_after=retry_after)
+    if isinstance(exc, EngineStopped):
+        return ModelUnavailable("The model is shutting down.", retry_after=retry_after)
+    if isinstance(exc, InputTooLong):
+        return ContextLengthExceeded(str(exc), param="input")
+    if isinstance(exc, EngineFailure):
+        return InternalError("The local model failed while generating. The request was not completed.")
+    return InternalError("Internal error.")
+
+
+async def wait_disconnect(receive: Receive) -> None:
+    """Returns when the client has gone (the request body must already have been read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_items(channel: Channel, receive: Receive | None) -> list[Any]:
+    """``channel.get()``, cancelling the request if the client disconnects first."""
+    if receive is None:
+        return await channel.get()
+    getter = asyncio.ensure_future(channel.get())
+    gone = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    channel.cancel()
+    raise ClientGone()
+
+
+class LocalModels:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def resolve(self, model_id: str, kind: ModelKind) -> ModelEntry:
+        entry = self.registry.get(model_id)
+        if entry is None:
+            raise ModelNotFound(model_id)
+        if entry.spec.kind is not kind:
+            other = "/v1/embeddings" if entry.spec.kind is ModelKind.EMBEDDING else "/v1/chat/completions or /v1/completions"
+            raise InvalidRequest(f"The model '{model_id}' is a {entry.spec.kind.value} model; use {other}.", param="model", code="model_not_supported")
+        if entry.state is not ModelState.READY:
+            why = entry.reason or f"it is {entry.state.value}"
+            retry = 5.0 if not entry.state.is_final else None
+            raise ModelUnavailable(f"The model '{model_id}' is not available: {why}", retry_after=retry)
+        return entry
+
+    # -- chat and completions ----------------------------------------------------------------------
+    def prepare_chat(self, req: ChatCompletionRequest, model_id: str, system_prompt: str | None = None) -> Generation:
+        entry = self.resolve(model_id, ModelKind.CHAT)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        try:
+            prompt = entry.llm.render_chat(messages)
+        except Exception as exc:  # the template raised (e.g. raise_exception for a role order)
+            raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from None
+        tokens = entry.llm.tokenize(prompt)
+        return self._generation(entry, tokens, req.completion_limit(), req, chat=True, what="messages")
+
+    def prepare_completion(self, req: CompletionRequest, model_id: str) -> Generation:
+        entry = self.resolve(model_id, ModelKind.CHAT)
+        tokens = entry.llm.tokenize(req.prompt_text())
+        if not tokens:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
+        return self._generation(entry, tokens, req.completion_limit(), req, chat=False, what="prompt")
+
+    def _generation(self, entry: ModelEntry, tokens: list[int], limit: int | None, req: Any, chat: bool, what: str) -> Generation:
+        context = entry.context_length
+        n = len(tokens)
+        if n >= context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context} tokens. However, your {what} resulted in "
+                f"{n} tokens. Please reduce the length of the {what}.", param=what)
+        if limit is not None and n + limit > context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context} tokens. However, you requested {n + limit} "
+                f"tokens ({n} in the {what}, {limit} in the completion). Please reduce the length of the "
+                f"{what} or completion.", param="max_tokens")
+        sampling = SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+        )
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Generation(entry, tokens, limit if limit is not None else context - n, sampling, req.stop_list(), chat, include_usage)
+
+    def submit(self, gen: Generation) -> Channel:
+        engine = gen.entry.engine
+        try:
+            return engine.submit(gen.prompt_tokens, gen.max_tokens, gen.sampling, gen.stop)
+        except EngineOverloaded as exc:
+            raise Overloaded(
+                f"The local model '{gen.entry.id}' is at capacity ({exc}). Retry after the indicated delay.",
+                retry_after=exc.retry_after) from None
+        except EngineStopped:
+            raise ModelUnavailable(f"The model '{gen.entry.id}' is shutting down.", retry_after=5.0) from None
+
+    async def complete(self, gen: Generation, channel: Channel, rid: str, receive: Receive | None) -> dict[str, Any]:
+        parts: list[str] = []
+        while True:
+            for item in await until_items(channel, receive):
+                if isinstance(item, Delta):
+                    parts.append(item.text)
+                elif isinstance(item, Final):
+                    if item.error is not None:
+                        raise engine_error(item.error)
+                    use = fmt.usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
+                    build = fmt.chat_response if gen.chat else fmt.completion_response
+                    return build(rid, gen.entry.id, "".join(parts), item.finish_reason or "stop", use)
+
+    async def first_items(self, channel: Channel, receive: Receive | None) -> list[Any]:
+        """Wait for the first output so that a queue timeout can still be an HTTP status."""
+        items = await until_items(channel, receive)
+        for item in items:
+            if isinstance(item, Final) and item.error is not None:
+                raise engine_error(item.error)
+        return items
+
+    async def stream(self, gen: Generation, channel: Channel, rid: str, first: list[Any]) -> AsyncIterator[bytes]:
+        """SSE body. Closing the generator (client gone) cancels the request."""
+        writer = fmt.ChunkWriter(rid, gen.entry.id, gen.chat, gen.include_usage)
+        try:
+            head = writer.first()
+            items = first
+            while True:
+                text = "".join(i.text for i in items if isinstance(i, Delta))
+                out = head
+                head = b""
+                if text:
+                    out += writer.text(text)
+                final = next((i for i in items if isinstance(i, Final)), None)
+                if final is not None:
+                    if final.error is not None:
+                        err = engine_error(final.error)
+                        out += fmt.sse_error(err.message, err.code or "error", err.type)
+                    else:
+                        out += writer.finish(final.finish_reason or "stop")
+                        if writer.include_usage:
+                            out += writer.usage(fmt.usage(final.prompt_tokens, final.completion_tokens, final.cached_tokens))
+                    yield out + fmt.DONE
+                    return
+                if out:
+                    yield out
+                items = await channel.get()
+        finally:
+            channel.cancel()
+
+    # -- embeddings --------------------------------------------------------------------------------
+    async def embed(self, req: EmbeddingRequest, model_id: str, receive: Receive | None) -> dict[str, Any]:
+        entry = self.resolve(model_id, ModelKind.EMBEDDING)
+        dims = entry.settings.get("dimensions")
+        if req.dimensions is not None and req.dimensions != dims:
+            raise InvalidRequest(f"This model produces {dims} dimensions; 'dimensions' cannot change that.", param="dimensions", code="unsupported_value")
+        texts = req.inputs()
+        try:
+            channel = entry.engine.submit(texts)
+        except EngineOverloaded as exc:
+            raise Overloaded(f"The local model '{entry.id}' is at capacity ({exc}).", retry_after=exc.retry_after) from None
+        except EngineStopped:
+            raise ModelUnavailable(f"The model '{entry.id}' is shutting down.", retry_after=5.0) from None
+        while True:
+            for item in await until_items(channel, receive):
+                if isinstance(item, Final):
+                    if item.error is not None:
+                        raise engine_error(item.error)
+                    return _embedding_body(entry.id, item.payload, item.prompt_tokens, req.encoding_format)
+
+
+def _embedding_body(model: str, vectors: np.ndarray, tokens: int, encoding: str) -> dict[str, Any]:
+    if encoding == "base64":
+        data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+    else:
+        data = vectors.tolist()
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
