@@ -9,10 +9,11 @@ Defaults (documented in the README, "Tuning"):
 - GPU offload: every layer when the build supports offload and model + KV cache fit in 90 % of the
   first GPU's free memory, else none.
 - slots (sequences decoded together): 4 per usable core, between 4 and 16 on CPU; 32 on a GPU.
-- KV pool (``n_ctx``, shared by all slots): 2048 tokens per slot, halved until the model, the pool
-  and a compute reserve fit in usable memory (never below 512 per slot; below that the model is
-  refused with the numbers).
-- per-request context: the model's training context, capped by the pool.
+- KV cache (``n_ctx``): 4096 tokens per slot (or the model's training context if smaller), halved
+  until the model, the cache and a compute reserve fit in usable memory (never below 512 per slot;
+  below that the model is refused with the numbers).
+- per-request context: the model's training context, capped by what one slot holds (the engine
+  derives it from the cache layout, see ``models.scheduler``).
 - step token budget (``n_batch``): 512. Waiting queue: 4 requests per slot.
 """
 
@@ -25,6 +26,7 @@ from hardware.detect import HardwareInfo
 MIB = 1024 * 1024
 _COMPUTE_RESERVE_BYTES = 96 * MIB
 _MIN_TOKENS_PER_SLOT = 512
+_DEFAULT_TOKENS_PER_SLOT = 4096
 
 
 class ModelDoesNotFit(Exception):
@@ -96,7 +98,7 @@ def tune_llm(
     if overrides.kv_tokens is not None:
         kv_tokens = overrides.kv_tokens
     else:
-        kv_tokens = min(slots * 2048, max(shape.n_ctx_train, _MIN_TOKENS_PER_SLOT) * slots)
+        kv_tokens = slots * max(_MIN_TOKENS_PER_SLOT, min(shape.n_ctx_train, _DEFAULT_TOKENS_PER_SLOT))
     need = _estimate(shape, kv_tokens)
     if on_gpu:
         assert gpu is not None

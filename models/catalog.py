@@ -35,7 +35,7 @@ class EngineOptions:
     gpu_layers: int | None = None
     slots: int | None = None
     kv_tokens: int | None = None
-    kv_unified: bool = True
+    kv_unified: bool = False
     batch_tokens: int | None = None
     max_waiting: int | None = None
     queue_timeout_s: float = 60.0

@@ -95,7 +95,7 @@ def create_app(config: Config, hardware: HardwareInfo) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=(type(exc), exc, None))
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": {"message": "Internal server error.", "type": "server_error", "param": None, "code": "internal_error"}}, status_code=500)
 
     def authorize(request: Request) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +220,3 @@ def with_overrides(config: Config, host: str | None = None, port: int | None = N
         server = replace(server, port=port)
     return replace(config, server=server)
 
-
-def option_names() -> list[str]:
-    return [f.name for f in fields(EngineOptions)]

@@ -190,14 +190,24 @@ _UNSUPPORTED: dict[type, dict[str, tuple[Any, str]]] = {
 }
 
 
-def _describe(error: dict[str, Any]) -> tuple[str, str]:
-    loc = ".".join(str(p) for p in error.get("loc", ()) if not str(p).startswith("function-"))
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic names the branch of a union in ``loc`` ('str', 'list[ContentPart]'); it is not a parameter."""
+    text = str(part)
+    return "[" in text or text.startswith("function-") or text.lower() in _TYPE_TAGS
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str, str]:
+    """(param, message, code) for one pydantic error; the message never contains the input."""
+    loc = ".".join(str(p) for p in error.get("loc", ()) if not _is_union_tag(p))
     msg = error.get("msg", "invalid value")
     if error.get("type") == "missing":
-        return loc, f"Missing required parameter: '{loc}'."
+        return loc, f"Missing required parameter: '{loc}'.", "missing_required_parameter"
     if error.get("type") == "extra_forbidden":
-        return loc, f"Unrecognized request argument supplied: {loc}"
-    return loc, f"Invalid value for '{loc}': {msg}."
+        return loc, f"Unrecognized request argument supplied: {loc}", "unknown_parameter"
+    return loc, f"Invalid value for '{loc}': {msg}.", "invalid_value"
 
 
 def parse_request(model: type[_Strict], body: Any) -> Any:
@@ -220,9 +230,11 @@ def parse_request(model: type[_Strict], body: Any) -> Any:
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
         # A str | list union reports one error per branch; the most specific one is the last.
-        param, message = _describe(errors[-1] if errors else {})
-        if any(e.get("type") == "missing" for e in errors):
-            param, message = _describe(next(e for e in errors if e.get("type") == "missing"))
-        elif any(e.get("type") == "extra_forbidden" for e in errors):
-            param, message = _describe(next(e for e in errors if e.get("type") == "extra_forbidden"))
-        raise InvalidRequest(message, param=param or None, code="invalid_value") from None
+        # Missing and unknown parameters are the clearest to report, so they win.
+        first = errors[-1] if errors else {}
+        for kind in ("missing", "extra_forbidden"):
+            first = next((e for e in errors if e.get("type") == kind), first)
+            if first.get("type") == kind:
+                break
+        param, message, code = _describe(first)
+        raise InvalidRequest(message, param=param or None, code=code) from None

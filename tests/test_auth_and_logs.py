@@ -1,0 +1,38 @@
+"""API keys (constant-time compare) and logs that never contain patient text."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from server.auth import check_key
+from server.errors import Unauthorized
+from tests.conftest import CHAT_MODEL, EMBED_MODEL, ServerProc
+
+
+def test_check_key_accepts_any_configured_key_and_refuses_others() -> None:
+    check_key("Bearer k2", ("k1", "k2"))
+    check_key(None, ())
+    for header in (None, "", "Bearer", "Basic k1", "Bearer k3", "Bearer k1x"):
+        with pytest.raises(Unauthorized):
+            check_key(header, ("k1", "k2"))
+
+
+def test_server_with_keys_refuses_requests_without_one(start_server) -> None:  # type: ignore[no-untyped-def]
+    config = '[server]\napi_key_env = "TEST_UNDERSTUDY_KEYS"\n'
+    with start_server(config, env={"TEST_UNDERSTUDY_KEYS": "alpha-key,beta-key"}) as srv:
+        r = httpx.post(srv.url + "/v1/embeddings", json={"model": EMBED_MODEL, "input": "x"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(srv.url + "/health").status_code == 200  # liveness stays open
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key="beta-key", max_retries=0) as client:
+            assert client.embeddings.create(model=EMBED_MODEL, input="x").data
+
+
+def test_no_patient_text_in_the_log(server: ServerProc) -> None:
+    marker = "Mrs Marker-Zebra-4471 has chest pain"
+    httpx.post(server.url + "/v1/chat/completions", json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": marker}], "max_tokens": 4}, timeout=60)
+    httpx.post(server.url + "/v1/chat/completions", json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": marker}], "temperature": marker}, timeout=60)
+    httpx.post(server.url + "/v1/embeddings", json={"model": EMBED_MODEL, "input": [marker, "word " * 400]}, timeout=60)
+    assert "Marker-Zebra" not in server.log()

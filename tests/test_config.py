@@ -1,0 +1,80 @@
+"""Configuration parsing: defaults, overrides, and one clear error naming the key (exit code 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.catalog import MINILM_ID, SMOLLM2_ID
+from server.config import ConfigError, load_config, parse_config, with_overrides
+from tests.conftest import ROOT
+
+
+def test_no_file_means_the_embedded_default_fully_local() -> None:
+    config = load_config(None, env={})
+    assert config.server.host == "127.0.0.1" and config.server.port == 8080
+    assert [m.id for m in config.models] == [SMOLLM2_ID, MINILM_ID]
+    assert config.server.api_keys == ()
+
+
+def test_environment_variable_names_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "u.toml"
+    f.write_text("[server]\nport = 9001\n")
+    assert load_config(None, env={"UNDERSTUDY_CONFIG": str(f)}).server.port == 9001
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "u.toml"
+    f.write_text('[server]\nhost = "0.0.0.0"\nport = 9001\n')
+    config = with_overrides(load_config(f, env={}), host="127.0.0.1", port=9100)
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 9100)
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    f = tmp_path / "u.toml"
+    f.write_text(f'[models.mine]\nkind = "chat"\npath = "models/m.gguf"\nsha256 = "{"a" * 64}"\nslots = 2\n')
+    spec = next(m for m in load_config(f, env={}).models if m.id == "mine")
+    assert spec.path == tmp_path / "models" / "m.gguf"
+    assert spec.options.slots == 2
+
+
+def test_api_keys_come_from_the_named_environment_variable() -> None:
+    config = parse_config({"server": {"api_key_env": "KEYS"}}, Path("."), env={"KEYS": "k1, k2"})
+    assert config.server.api_keys == ("k1", "k2")
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"server": {"port": "eighty"}}, "server.port"),
+    ({"server": {"port": 70000}}, "server.port"),
+    ({"server": {"prot": 1}}, "server.prot"),
+    ({"server": {"api_key_env": "NOPE_NOT_SET"}}, "server.api_key_env"),
+    ({"models": {"m": {"kind": "chat", "path": "/x.gguf"}}}, "models.m.sha256"),
+    ({"models": {"m": {"kind": "chat", "sha256": "a" * 64}}}, "models.m.path"),
+    ({"models": {"m": {"kind": "chat", "path": "/x.gguf", "sha256": "xyz"}}}, "models.m.sha256"),
+    ({"models": {"m": {"kind": "vision", "path": "/x.gguf", "sha256": "a" * 64}}}, "models.m.kind"),
+    ({"models": {"m": {"kind": "embedding", "path": "/x.onnx", "sha256": "a" * 64}}}, "models.m.tokenizer"),
+    ({"models": {"m": {"kind": "chat", "path": "/x.gguf", "sha256": "a" * 64, "slots": 0}}}, "models.m.slots"),
+    ({"models": {SMOLLM2_ID: {"slots": "many"}}}, f"models.{SMOLLM2_ID}.slots"),
+    ({"server": {"embedded_models": False}}, "models"),
+    ({"workload": {}}, "(top level).workload"),
+])
+def test_invalid_config_names_the_key(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, Path("."), env={})
+    assert info.value.key == key
+
+
+def test_invalid_config_exits_2_with_one_clear_line(tmp_path: Path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text("[server]\nport = 'eighty'\n")
+    out = subprocess.run([sys.executable, "-m", "server", "serve", "--config", str(f)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "understudy: config error: server.port: expected an integer, got 'eighty'"
+    f.write_text("[server\n")
+    out = subprocess.run([sys.executable, "-m", "server", "serve", "--config", str(f)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and "not valid TOML" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "server", "serve", "--config", str(tmp_path / "absent.toml")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and "does not exist" in out.stderr
