@@ -1,9 +1,11 @@
 """The HTTP application: FastAPI routes, error shape, start-up and shutdown.
 
 ``create_app(config, hardware)`` builds everything once and keeps it on ``app.state`` (no module
-globals). At start-up a thread verifies and loads the models (``ModelRegistry.load_all``), so
-``/health`` answers at once and ``/ready`` turns 200 when every model of the catalog is loaded.
-Handlers only parse, submit and await: the model work happens on the engines' threads.
+globals): the model registry and local engines, the upstream clients with their breakers, the
+router, the journal. At start-up a thread verifies and loads the models
+(``ModelRegistry.load_all``), so ``/health`` answers at once and ``/ready`` turns 200 when every
+model of the catalog is loaded; one prober task per upstream starts too. Handlers only parse and
+hand the request to the router: model work happens on the engines' threads.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from hardware.detect import HardwareInfo
 from models.registry import ModelRegistry, ModelState
@@ -27,22 +29,22 @@ from server import openai_format as fmt
 from server.auth import check_key
 from server.config import Config
 from server.errors import ApiError, InvalidRequest, ModelNotFound
-from server.local import ClientGone, LocalModels
-from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
+from server.journal import Journal
+from server.local import LocalModels
+from server.prober import Prober
+from server.routing import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Router
+from server.upstream import Upstream, UpstreamError, UpstreamSet
 
 log = logging.getLogger("understudy.http")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
-ROUTE_HEADER = "X-Understudy-Route"
-MODEL_HEADER = "X-Understudy-Model"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
-async def read_json(request: Request) -> Any:
+async def read_json(request: Request) -> tuple[bytes, Any]:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise InvalidRequest(f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
@@ -50,16 +52,27 @@ async def read_json(request: Request) -> Any:
     if len(raw) > MAX_BODY_BYTES:
         raise InvalidRequest(f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
     try:
-        return json.loads(raw)
+        return raw, json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be valid JSON "
             "(and the Content-Type application/json).", code="invalid_json") from None
 
 
-def create_app(config: Config, hardware: HardwareInfo) -> FastAPI:
+def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) -> FastAPI:
+    """``transport`` replaces the upstreams' network (an ``httpx.MockTransport`` in unit tests)."""
     registry = ModelRegistry(list(config.models), hardware)
     local = LocalModels(registry)
+    journal = Journal(config.server.state_dir / "journal.sqlite3")
+    upstreams = UpstreamSet()
+    for up in config.upstreams:
+        def listener(old: Any, new: Any, why: str, name: str = up.name) -> None:
+            log.warning("upstream %s: breaker %s -> %s (%s)", name, old.value, new.value, why)
+            journal.record_breaker(name, old.value, new.value, why)
+        upstreams.by_name[up.name] = Upstream(up, transport=transport, listener=listener)
+    default = config.default_upstream
+    upstreams.default = upstreams.by_name[default.name] if default is not None else None
+    router = Router(local, upstreams, config.workloads, journal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -67,17 +80,24 @@ def create_app(config: Config, hardware: HardwareInfo) -> FastAPI:
         app.state.started = time.monotonic()
         loader = threading.Thread(target=registry.load_all, args=(loop,), name="model-loader", daemon=True)
         loader.start()
+        probers = [asyncio.create_task(Prober(u).run(), name=f"probe-{u.name}") for u in upstreams.by_name.values()]
         try:
             yield
         finally:
+            for task in probers:
+                task.cancel()
+            await asyncio.gather(*probers, return_exceptions=True)
+            await upstreams.aclose()
             await asyncio.to_thread(loader.join)
             await asyncio.to_thread(registry.close)
+            journal.close()
 
     app = FastAPI(title="Understudy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
     app.state.hardware = hardware
     app.state.registry = registry
-    app.state.local = local
+    app.state.router = router
+    app.state.journal = journal
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -123,58 +143,65 @@ def create_app(config: Config, hardware: HardwareInfo) -> FastAPI:
             "understudy": {"kind": entry.spec.kind.value, "state": entry.state.value, "context_length": entry.context_length or None},
         }
 
+    def workload_objects() -> list[dict[str, Any]]:
+        out = []
+        for wl in config.workloads:
+            for name in (wl.name, *wl.models):
+                out.append({"id": name, "object": "model", "created": 0, "owned_by": "understudy",
+                            "understudy": {"kind": "workload", "workload": wl.name, "fallback": wl.fallback, "local_model": wl.local_model}})
+        return out
+
+    async def cloud_models() -> list[dict[str, Any]]:
+        up = upstreams.default
+        if up is None or up.breaker.state.value != "closed":
+            return []
+        try:
+            data = await up.get_json("models")
+        except UpstreamError:
+            return []
+        return [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
         authorize(request)
-        return {"object": "list", "data": [model_object(e) for e in registry.entries]}
+        data = [model_object(e) for e in registry.entries] + workload_objects()
+        seen = {m["id"] for m in data}
+        data += [m for m in await cloud_models() if m["id"] not in seen]
+        return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         authorize(request)
         entry = registry.get(model_id)
-        if entry is None:
-            raise ModelNotFound(model_id)
-        return model_object(entry)
+        if entry is not None:
+            return model_object(entry)
+        for obj in workload_objects():
+            if obj["id"] == model_id:
+                return obj
+        for obj in await cloud_models():
+            if obj["id"] == model_id:
+                return obj
+        raise ModelNotFound(model_id)
 
     # -- generation ----------------------------------------------------------------------------
-    async def generate(request: Request, gen: Any, stream: bool, prefix: str) -> Response:
-        rid = fmt.new_id(prefix)
-        headers = {ROUTE_HEADER: "local", MODEL_HEADER: gen.entry.id, "X-Request-Id": rid}
-        channel = local.submit(gen)
-        receive = request.receive
-        try:
-            if not stream:
-                body = await local.complete(gen, channel, rid, receive)
-                return JSONResponse(body, headers=headers)
-            first = await local.first_items(channel, receive)
-        except ClientGone:
-            return Response(status_code=499)
-        except ApiError as exc:
-            exc.extra_headers.update(headers)
-            raise
-        return StreamingResponse(local.stream(gen, channel, rid, first), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+    async def dispatch(endpoint: Endpoint, request: Request) -> Response:
+        authorize(request)
+        raw, body = await read_json(request)
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        return await router.handle(endpoint, request, raw, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        req = parse_request(ChatCompletionRequest, await read_json(request))
-        return await generate(request, local.prepare_chat(req, req.model), req.stream, "chatcmpl")
+        return await dispatch(CHAT, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        authorize(request)
-        req = parse_request(CompletionRequest, await read_json(request))
-        return await generate(request, local.prepare_completion(req, req.model), req.stream, "cmpl")
+        return await dispatch(COMPLETIONS, request)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
-        authorize(request)
-        req = parse_request(EmbeddingRequest, await read_json(request))
-        try:
-            body = await local.embed(req, req.model, request.receive)
-        except ClientGone:
-            return Response(status_code=499)
-        return JSONResponse(body, headers={ROUTE_HEADER: "local", MODEL_HEADER: req.model})
+        return await dispatch(EMBEDDINGS, request)
 
     # -- admin ---------------------------------------------------------------------------------
     @app.get("/admin/status")
@@ -182,7 +209,17 @@ def create_app(config: Config, hardware: HardwareInfo) -> FastAPI:
         authorize(request)
         return {
             "models": {e.id: {**e.describe(), "engine": e.engine.status() if e.engine else None} for e in registry.entries},
+            "upstreams": {u.name: {"breaker": u.breaker.state.value, "retry_after_s": round(u.breaker.retry_after(), 1),
+                                   "last_failure": u.breaker.last_reason or None} for u in upstreams.by_name.values()},
             "uptime_s": round(time.monotonic() - getattr(app.state, "started", time.monotonic()), 1),
         }
+
+    @app.get("/admin/events")
+    async def admin_events(request: Request, limit: int = 100, kind: str | None = None) -> dict[str, Any]:
+        authorize(request)
+        if kind not in (None, "route", "breaker"):
+            raise InvalidRequest("kind must be 'route' or 'breaker'.", param="kind")
+        rows = await asyncio.to_thread(journal.recent, max(1, min(limit, 10_000)), kind)
+        return {"object": "list", "data": rows}
 
     return app

@@ -3,6 +3,7 @@
     understudy serve [--config FILE] [--host H] [--port P]
     understudy models list [--config FILE] [--json]
     understudy hardware [--json]
+    understudy events [--config FILE] [--limit N] [--kind route|breaker] [--json]
 
 Exit status: 0 on success, 2 for a configuration or usage error (the message names the key).
 """
@@ -117,6 +118,38 @@ def cmd_hardware(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from server.journal import connect, read_recent
+
+    config = _load(args)
+    path = config.server.state_dir / "journal.sqlite3"
+    if not path.exists():
+        print(f"no journal at {path} yet (the server writes it once it has routed a request)", file=sys.stderr)
+        return 1
+    conn = connect(path, readonly=True)
+    try:
+        rows = list(reversed(read_recent(conn, args.limit, args.kind)))
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    import time as _time
+
+    table = [["TIME", "KIND", "REQUEST", "WORKLOAD", "UPSTREAM", "ROUTE", "MODEL", "REASON", "STATUS", "MS", "TOKENS"]]
+    for r in rows:
+        when = _time.strftime("%H:%M:%S", _time.localtime(r["ts"])) + f".{int(r['ts'] * 1000) % 1000:03d}"
+        tokens = "" if r["prompt_tokens"] is None else f"{r['prompt_tokens']}+{r['completion_tokens'] or 0}"
+        reason = r["reason"] or ""
+        if r["kind"] == "breaker" and r["detail"]:
+            reason = f"{reason} ({r['detail']})"
+        table.append([when, r["kind"], r["request_id"] or "", r["workload"] or "", r["upstream"] or "", r["route"] or "",
+                      r["model"] or "", reason, "" if r["status"] is None else str(r["status"]),
+                      "" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}", tokens])
+    print(_table(table))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="understudy", description="Local OpenAI-compatible server with cloud failover.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--config")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_models)
+    events = sub.add_parser("events", help="recent routing decisions and breaker transitions (the journal)")
+    events.add_argument("--config")
+    events.add_argument("--limit", type=int, default=50)
+    events.add_argument("--kind", choices=["route", "breaker"])
+    events.add_argument("--json", action="store_true")
+    events.set_defaults(func=cmd_events)
     hardware = sub.add_parser("hardware", help="what this machine has")
     hardware.add_argument("--json", action="store_true")
     hardware.set_defaults(func=cmd_hardware)

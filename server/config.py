@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from models.catalog import EngineOptions, ModelFormat, ModelKind, ModelSpec, default_catalog
+from server.breaker import BreakerConfig
 
 
 class ConfigError(Exception):
@@ -38,10 +39,47 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    base_url: str
+    api_key: str = field(default="", repr=False)
+    api_key_env: str | None = None
+    connect_timeout_s: float = 2.0
+    first_byte_timeout_s: float = 60.0
+    read_timeout_s: float = 30.0
+    probe_interval_s: float = 5.0
+    probe_interval_open_s: float = 1.0
+    probe_timeout_s: float = 2.0
+    default: bool = False
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    name: str
+    models: tuple[str, ...] = ()
+    upstream: str | None = None
+    cloud_model: str | None = None
+    fallback: str = "none"
+    local_model: str | None = None
+    system_prompt: str | None = None
+
+    @property
+    def covered(self) -> bool:
+        return self.fallback == "local"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     models: tuple[ModelSpec, ...] = ()
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    workloads: tuple[WorkloadConfig, ...] = ()
     source: Path | None = None
+
+    @property
+    def default_upstream(self) -> UpstreamConfig | None:
+        return next((u for u in self.upstreams if u.default), self.upstreams[0] if self.upstreams else None)
 
 
 _TYPES: dict[type, str] = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
@@ -175,9 +213,80 @@ def _model(model_id: str, table: dict[str, Any], base: Path, embedded: dict[str,
     )
 
 
+_UPSTREAM_FLOATS = ("connect_timeout_s", "first_byte_timeout_s", "read_timeout_s", "probe_interval_s",
+                    "probe_interval_open_s", "probe_timeout_s")
+_BREAKER_KEYS: dict[str, type] = {
+    "failure_threshold": int, "failure_rate": float, "failure_window_s": float, "failure_min_calls": int,
+    "open_base_s": float, "open_max_s": float,
+}
+
+
+def _upstream(i: int, table: Any, env: dict[str, str]) -> UpstreamConfig:
+    where = f"upstreams[{i}]"
+    if not isinstance(table, dict):
+        raise ConfigError(where, "must be a table ([[upstreams]] with name and base_url)")
+    _no_unknown(table, {"name", "base_url", "api_key_env", "default", *_UPSTREAM_FLOATS, *_BREAKER_KEYS}, where)
+    name = _take(table, "name", str, where, required=True)
+    url = _take(table, "base_url", str, where, required=True).rstrip("/")
+    if not url.startswith(("http://", "https://")) or not url.endswith("/v1"):
+        raise ConfigError(f"{where}.base_url", f"must be an http(s) URL ending in /v1, got {url!r}")
+    key_env = _take(table, "api_key_env", str, where)
+    key = ""
+    if key_env is not None:
+        key = env.get(key_env, "")
+        if not key:
+            raise ConfigError(f"{where}.api_key_env", f"environment variable {key_env} is empty or not set")
+    floats = {k: _positive(_take(table, k, float, where), f"{where}.{k}") for k in _UPSTREAM_FLOATS}
+    breaker = {k: _positive(_take(table, k, kind, where), f"{where}.{k}") for k, kind in _BREAKER_KEYS.items()}
+    if breaker["failure_rate"] is not None and breaker["failure_rate"] > 1:
+        raise ConfigError(f"{where}.failure_rate", "must be between 0 and 1")
+    names = {"failure_window_s": "window_s", "failure_min_calls": "min_calls"}
+    breaker_config = replace(BreakerConfig(), **{names.get(k, k): v for k, v in breaker.items() if v is not None})
+    return UpstreamConfig(
+        name=name, base_url=url, api_key=key, api_key_env=key_env, default=_take(table, "default", bool, where, False),
+        breaker=breaker_config, **{k: v for k, v in floats.items() if v is not None},
+    )
+
+
+def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: dict[str, ModelSpec]) -> WorkloadConfig:
+    where = f"workloads[{i}]"
+    if not isinstance(table, dict):
+        raise ConfigError(where, "must be a table ([[workloads]] with name, ...)")
+    _no_unknown(table, {"name", "models", "upstream", "cloud_model", "fallback", "local_model", "system_prompt"}, where)
+    name = _take(table, "name", str, where, required=True)
+    names = _take(table, "models", list, where, [])
+    if not all(isinstance(m, str) and m for m in names):
+        raise ConfigError(f"{where}.models", "must be a list of model names")
+    upstream = _take(table, "upstream", str, where)
+    if upstream is not None and upstream not in upstreams:
+        raise ConfigError(f"{where}.upstream", f"no upstream named {upstream!r}")
+    fallback = _take(table, "fallback", str, where, "none")
+    if fallback not in ("local", "none"):
+        raise ConfigError(f"{where}.fallback", f"must be 'local' or 'none', got {fallback!r}")
+    local_model = _take(table, "local_model", str, where)
+    if fallback == "local":
+        if local_model is None:
+            raise ConfigError(f"{where}.local_model", "required when fallback = 'local'")
+        if local_model not in models:
+            raise ConfigError(f"{where}.local_model", f"no model {local_model!r} in the catalog ({', '.join(models)})")
+    if not upstreams and fallback != "local":
+        raise ConfigError(f"{where}.fallback", "with no [[upstreams]], a workload can only be served locally ('local')")
+    return WorkloadConfig(
+        name=name, models=tuple(names), upstream=upstream, cloud_model=_take(table, "cloud_model", str, where),
+        fallback=fallback, local_model=local_model, system_prompt=_take(table, "system_prompt", str, where),
+    )
+
+
+def _tables(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be an array of tables ([[{key}]])")
+    return value
+
+
 def parse_config(data: dict[str, Any], base: Path, env: dict[str, str] | None = None) -> Config:
     env = dict(os.environ) if env is None else env
-    _no_unknown(data, {"server", "models"}, "(top level)")
+    _no_unknown(data, {"server", "models", "upstreams", "workloads"}, "(top level)")
     server_table = data.get("server", {})
     if not isinstance(server_table, dict):
         raise ConfigError("server", "must be a table")
@@ -191,7 +300,26 @@ def parse_config(data: dict[str, Any], base: Path, env: dict[str, str] | None = 
         specs[model_id] = _model(model_id, table, base, embedded)
     if not specs:
         raise ConfigError("models", "no model left: embedded_models is false and no [models.<id>] is given")
-    return Config(server=server, models=tuple(specs.values()))
+    upstreams: dict[str, UpstreamConfig] = {}
+    for i, table in enumerate(_tables(data, "upstreams")):
+        up = _upstream(i, table, env)
+        if up.name in upstreams:
+            raise ConfigError(f"upstreams[{i}].name", f"duplicate upstream name {up.name!r}")
+        upstreams[up.name] = up
+    if sum(1 for u in upstreams.values() if u.default) > 1:
+        raise ConfigError("upstreams", "only one upstream may have default = true")
+    workloads: list[WorkloadConfig] = []
+    claimed: dict[str, str] = {}
+    for i, table in enumerate(_tables(data, "workloads")):
+        wl = _workload(i, table, upstreams, specs)
+        for name in (wl.name, *wl.models):
+            if name in claimed and not (name == wl.name and claimed[name] == wl.name):
+                raise ConfigError(f"workloads[{i}]", f"{name!r} already belongs to workload {claimed[name]!r}")
+            if name in specs:
+                raise ConfigError(f"workloads[{i}]", f"{name!r} is a local model id; a workload needs its own names")
+            claimed[name] = wl.name
+        workloads.append(wl)
+    return Config(server=server, models=tuple(specs.values()), upstreams=tuple(upstreams.values()), workloads=tuple(workloads))
 
 
 def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:

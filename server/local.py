@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from models.bridge import Channel, Delta, Final
 from models.catalog import ModelKind
@@ -34,6 +35,8 @@ from server.errors import (
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+Done = Callable[[int, "int | None", "int | None"], None]
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class ClientGone(Exception):
@@ -183,9 +186,26 @@ class LocalModels:
                 raise engine_error(item.error)
         return items
 
-    async def stream(self, gen: Generation, channel: Channel, rid: str, first: list[Any]) -> AsyncIterator[bytes]:
+    async def respond(self, gen: Generation, rid: str, stream: bool, receive: Receive | None,
+                      headers: dict[str, str], done: Done | None = None) -> Response:
+        """Submit ``gen`` and answer: a JSON body, or an SSE stream once the first output exists
+        (so that a queue timeout can still be an HTTP status). ``done(status, prompt, completion)``
+        is called once the answer is complete (at the end of the stream when streaming)."""
+        channel = self.submit(gen)
+        if not stream:
+            body = await self.complete(gen, channel, rid, receive)
+            if done is not None:
+                use = body["usage"]
+                done(200, use["prompt_tokens"], use["completion_tokens"])
+            return JSONResponse(body, headers=headers)
+        first = await self.first_items(channel, receive)
+        return StreamingResponse(self.stream(gen, channel, rid, first, done), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **headers})
+
+    async def stream(self, gen: Generation, channel: Channel, rid: str, first: list[Any], done: Done | None = None) -> AsyncIterator[bytes]:
         """SSE body. Closing the generator (client gone) cancels the request."""
         writer = fmt.ChunkWriter(rid, gen.entry.id, gen.chat, gen.include_usage)
+        final: Final | None = None
         try:
             head = writer.first()
             items = first
@@ -211,6 +231,13 @@ class LocalModels:
                 items = await channel.get()
         finally:
             channel.cancel()
+            if done is not None:
+                if final is None:
+                    done(499, None, None)
+                elif final.error is not None:
+                    done(engine_error(final.error).status, final.prompt_tokens, final.completion_tokens)
+                else:
+                    done(200, final.prompt_tokens, final.completion_tokens)
 
     # -- embeddings --------------------------------------------------------------------------------
     async def embed(self, req: EmbeddingRequest, model_id: str, receive: Receive | None) -> dict[str, Any]:

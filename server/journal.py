@@ -1,0 +1,133 @@
+"""The routing journal: every routing decision and breaker transition, in SQLite (WAL).
+
+What is stored: time, kind (``route`` or ``breaker``), request id, endpoint, workload, upstream,
+route (``cloud``/``local``/``error``), model, reason, HTTP status, latency, token counts, and
+for a breaker transition its old and new state and why. **Never** prompt or completion text:
+the table has no column for it.
+
+Writes come from the event loop (``record_*``) and are queued to one writer thread, which commits
+them in small batches within milliseconds. The database runs in WAL mode with
+``synchronous=NORMAL``: a committed row survives ``kill -9`` of the server (the WAL is in the
+OS's hands once ``commit`` returns). ``understudy events`` and ``GET /admin/events`` read it
+with a separate connection while the server runs.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    request_id TEXT,
+    endpoint TEXT,
+    workload TEXT,
+    upstream TEXT,
+    route TEXT,
+    model TEXT,
+    reason TEXT,
+    status INTEGER,
+    latency_ms REAL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+"""
+COLUMNS = ("ts", "kind", "request_id", "endpoint", "workload", "upstream", "route", "model", "reason", "status",
+           "latency_ms", "prompt_tokens", "completion_tokens", "detail")
+_INSERT = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+_STOP = object()
+
+
+def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5, check_same_thread=False)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=5, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(SCHEMA)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def read_recent(conn: sqlite3.Connection, limit: int = 100, kind: str | None = None) -> list[dict[str, Any]]:
+    sql = "SELECT * FROM events" + (" WHERE kind = ?" if kind else "") + " ORDER BY id DESC LIMIT ?"
+    args: tuple[Any, ...] = (kind, limit) if kind else (limit,)
+    return [dict(row) for row in conn.execute(sql, args)]
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn = connect(path)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._write_loop, name="journal", daemon=True)
+        self._thread.start()
+
+    # -- event loop ----------------------------------------------------------------------------
+    def record_route(self, *, request_id: str, endpoint: str, workload: str | None, upstream: str | None, route: str,
+                     model: str | None, reason: str | None, status: int, latency_ms: float,
+                     prompt_tokens: int | None = None, completion_tokens: int | None = None, detail: str | None = None) -> None:
+        self._put((time.time(), "route", request_id, endpoint, workload, upstream, route, model, reason, status,
+                   round(latency_ms, 2), prompt_tokens, completion_tokens, detail))
+
+    def record_breaker(self, upstream: str, old: str, new: str, why: str) -> None:
+        self._put((time.time(), "breaker", None, None, None, upstream, None, None, f"{old}->{new}", None, None, None, None, why))
+
+    def _put(self, row: tuple[Any, ...]) -> None:
+        with self._idle:
+            self._pending += 1
+        self._queue.put(row)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything recorded so far is committed (tests, shutdown)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def recent(self, limit: int = 100, kind: str | None = None) -> list[dict[str, Any]]:
+        conn = connect(self.path, readonly=True)
+        try:
+            return read_recent(conn, limit, kind)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(10)
+        self._conn.close()
+
+    # -- writer thread -------------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            rows = [] if item is _STOP else [item]
+            stop = item is _STOP
+            while len(rows) < 500:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                rows.append(nxt)
+            if rows:
+                self._conn.executemany(_INSERT, rows)
+                self._conn.commit()
+                with self._idle:
+                    self._pending -= len(rows)
+                    self._idle.notify_all()
+            if stop:
+                return

@@ -1,0 +1,302 @@
+"""Routing: which backend answers a request, failover to the local model, and saying so.
+
+Called by the ``/v1`` handlers on the event loop (``Router.handle``). Per request:
+
+1. **Workload**: the ``X-Workload`` header names one, else the request's ``model`` is looked up
+   among the workloads' model names (a workload's own name is one of them). An unknown
+   ``X-Workload`` is a 400.
+2. **Backend**:
+   - no workload and the model is a local model id (or no upstream is configured): local;
+   - no workload otherwise: the default upstream, never local (a failure is a 503);
+   - a workload: its upstream (or the default); with no upstream configured at all, local.
+3. **Failover** (workload with ``fallback = "local"``): when the upstream's breaker is open, or
+   the upstream fails before the first byte reaches the client (connect error, timeout, 5xx,
+   429, malformed first event), the same HTTP exchange is answered by the workload's
+   ``local_model``, with its ``system_prompt`` put first. An uncovered workload gets 503
+   ``upstream_unavailable`` with ``Retry-After``. Once bytes of a cloud stream have reached the
+   client, nothing is spliced: a broken stream ends with an SSE error event and ``[DONE]``.
+   A 4xx from the cloud is the client's answer (relayed; never a failover, never a trip).
+4. **Headers** on every answer: ``X-Understudy-Route`` (``cloud``/``local``; ``none`` on a 503),
+   ``X-Understudy-Model`` (the model that produced it), ``X-Understudy-Workload`` when one matched,
+   and ``X-Understudy-Fallback-Reason`` (``circuit_open``, ``connect_error``, ``timeout``,
+   ``upstream_5xx``, ``rate_limited``) when local answered because of the cloud.
+5. **Journal**: every decision is recorded (``server.journal``), with no request text.
+
+A request that is served locally after a failover is validated against what the local engine
+implements; a parameter it cannot honour (``tools``, ``n`` > 1...) makes the fallback a 503 that
+names the parameter, rather than a silently different answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from server import openai_format as fmt
+from server.config import WorkloadConfig
+from server.errors import ApiError, InvalidRequest, UpstreamUnavailable
+from server.journal import Journal
+from server.local import ClientGone, LocalModels, Receive, wait_disconnect
+from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
+from server.upstream import (
+    Upstream,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamSet,
+    UpstreamStream,
+)
+
+ROUTE = "X-Understudy-Route"
+MODEL = "X-Understudy-Model"
+REASON = "X-Understudy-Fallback-Reason"
+WORKLOAD = "X-Understudy-Workload"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    path: str
+    schema: type
+    prefix: str
+
+
+CHAT = Endpoint("chat", "chat/completions", ChatCompletionRequest, "chatcmpl")
+COMPLETIONS = Endpoint("completions", "completions", CompletionRequest, "cmpl")
+EMBEDDINGS = Endpoint("embeddings", "embeddings", EmbeddingRequest, "embd")
+
+
+@dataclass
+class Exchange:
+    """One request's routing state, for its headers and its journal line."""
+
+    rid: str
+    endpoint: Endpoint
+    started: float
+    workload: WorkloadConfig | None
+    upstream: str | None = None
+    recorded: bool = False
+
+
+async def _or_disconnect(awaitable: Awaitable[T], receive: Receive) -> T:
+    """Await ``awaitable`` unless the client disconnects first (then cancel it, raise ``ClientGone``)."""
+    task = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:
+        pass
+    raise ClientGone()
+
+
+class Router:
+    def __init__(
+        self,
+        local: LocalModels,
+        upstreams: UpstreamSet,
+        workloads: tuple[WorkloadConfig, ...],
+        journal: Journal | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.local = local
+        self.upstreams = upstreams
+        self.workloads = {w.name: w for w in workloads}
+        self._by_model = {name: w for w in workloads for name in (w.name, *w.models)}
+        self.journal = journal
+        self._clock = clock
+
+    # -- entry point -----------------------------------------------------------------------------
+    def workload_for(self, header: str | None, model: Any) -> WorkloadConfig | None:
+        if header:
+            wl = self.workloads.get(header.strip())
+            if wl is None:
+                raise InvalidRequest(f"Unknown workload '{header}' in X-Workload (known: {', '.join(self.workloads) or 'none'}).",
+                                     param="X-Workload", code="unknown_workload")
+            return wl
+        return self._by_model.get(model) if isinstance(model, str) else None
+
+    async def handle(self, endpoint: Endpoint, request: Request, raw: bytes, body: Any) -> Response:
+        model = body.get("model") if isinstance(body, dict) else None
+        wl = self.workload_for(request.headers.get("x-workload"), model)
+        ex = Exchange(fmt.new_id(endpoint.prefix), endpoint, self._clock(), wl)
+        try:
+            if wl is None:
+                default = self.upstreams.default
+                if default is None or not isinstance(model, str) or self.local.registry.get(model) is not None:
+                    return await self._local(ex, request, body, model, None)
+                return await self._via_upstream(ex, request, raw, body, default)
+            upstream = self.upstreams.get(wl.upstream)
+            if upstream is None:
+                return await self._local(ex, request, body, wl.local_model, None)
+            return await self._via_upstream(ex, request, raw, body, upstream)
+        except ClientGone:
+            self._record(ex, "none", None, "client_gone", 499)
+            return Response(status_code=499)
+        except ApiError as exc:
+            if not ex.recorded:
+                self._record(ex, "none", None, exc.code or exc.type, exc.status)
+            exc.extra_headers.setdefault("X-Request-Id", ex.rid)
+            if wl is not None:
+                exc.extra_headers.setdefault(WORKLOAD, wl.name)
+            raise
+
+    # -- cloud -----------------------------------------------------------------------------------
+    async def _via_upstream(self, ex: Exchange, request: Request, raw: bytes, body: Any, upstream: Upstream) -> Response:
+        ex.upstream = upstream.name
+        breaker = upstream.breaker
+        if not breaker.try_acquire():
+            reason = "rate_limited" if breaker.last_reason == "rate_limited" else "circuit_open"
+            return await self._fallback(ex, request, body, upstream, reason)
+        try:
+            return await self._cloud(ex, request, raw, body, upstream)
+        except UpstreamRejected as exc:
+            breaker.on_success()
+            return self._relay_rejection(ex, upstream, exc, body)
+        except UpstreamRateLimited as exc:
+            breaker.on_rate_limited(exc.retry_after)
+            return await self._fallback(ex, request, body, upstream, exc.reason)
+        except UpstreamError as exc:
+            breaker.on_failure(exc.reason)
+            return await self._fallback(ex, request, body, upstream, exc.reason)
+        except (ClientGone, asyncio.CancelledError):
+            breaker.on_abandon()
+            raise
+
+    def _cloud_payload(self, ex: Exchange, raw: bytes, body: Any) -> tuple[bytes, str | None]:
+        wl = ex.workload
+        if wl is not None and wl.cloud_model and isinstance(body, dict) and body.get("model") != wl.cloud_model:
+            return json.dumps({**body, "model": wl.cloud_model}).encode(), wl.cloud_model
+        return raw, body.get("model") if isinstance(body, dict) else None
+
+    def _headers(self, ex: Exchange, route: str, model: str | None, reason: str | None = None) -> dict[str, str]:
+        headers = {ROUTE: route, "X-Request-Id": ex.rid}
+        if model:
+            headers[MODEL] = model
+        if reason:
+            headers[REASON] = reason
+        if ex.workload is not None:
+            headers[WORKLOAD] = ex.workload.name
+        return headers
+
+    async def _cloud(self, ex: Exchange, request: Request, raw: bytes, body: Any, upstream: Upstream) -> Response:
+        content, model = self._cloud_payload(ex, raw, body)
+        stream = isinstance(body, dict) and body.get("stream") is True
+        if not stream:
+            reply = await _or_disconnect(upstream.post(ex.endpoint.path, content), request.receive)
+            upstream.breaker.on_success()
+            usage = reply.usage or {}
+            self._record(ex, "cloud", model, None, reply.status, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            return Response(reply.body, status_code=reply.status, media_type="application/json",
+                            headers={**reply.headers, **self._headers(ex, "cloud", model)})
+        opened = await _or_disconnect(upstream.open_stream(ex.endpoint.path, content), request.receive)
+        upstream.breaker.on_success()
+        return StreamingResponse(self._relay(ex, upstream, opened, model), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **opened.headers, **self._headers(ex, "cloud", model)})
+
+    async def _relay(self, ex: Exchange, upstream: Upstream, stream: UpstreamStream, model: str | None) -> AsyncIterator[bytes]:
+        """Relay a cloud stream event by event; a break becomes a terminal error event, never local text."""
+        reason = None
+        try:
+            yield stream.first
+            async for event in stream.events():
+                yield event
+        except UpstreamError as exc:
+            reason = exc.reason
+            upstream.breaker.on_failure(exc.reason)
+            yield fmt.sse_error(
+                f"The cloud stream from '{upstream.name}' broke after it had started ({exc.reason}); the answer above is "
+                "incomplete. Retry the request.", "upstream_stream_broken") + fmt.DONE
+        finally:
+            await stream.aclose()
+            usage = stream.usage or {}
+            self._record(ex, "cloud", model, reason, 200, usage.get("prompt_tokens"), usage.get("completion_tokens"),
+                         detail="stream broken" if reason else None)
+
+    def _relay_rejection(self, ex: Exchange, upstream: Upstream, exc: UpstreamRejected, body: Any) -> Response:
+        model = body.get("model") if isinstance(body, dict) else None
+        if exc.status in (401, 403):
+            # The cloud refused Understudy's own credentials: that is our misconfiguration, and its
+            # body may quote the key; the client gets a 502 that says so instead.
+            self._record(ex, "cloud", model, "upstream_auth", 502)
+            error = {"error": {"message": f"The upstream '{upstream.name}' refused Understudy's credentials "
+                               f"({exc.status}); check its api_key_env.", "type": "server_error", "param": None,
+                               "code": "upstream_auth_failed"}}
+            return JSONResponse(error, status_code=502, headers=self._headers(ex, "cloud", model))
+        self._record(ex, "cloud", model, None, exc.status)
+        return Response(exc.body, status_code=exc.status, media_type=exc.content_type, headers=self._headers(ex, "cloud", model))
+
+    # -- failover --------------------------------------------------------------------------------
+    async def _fallback(self, ex: Exchange, request: Request, body: Any, upstream: Upstream, reason: str) -> Response:
+        wl = ex.workload
+        if wl is not None and wl.covered:
+            return await self._local(ex, request, body, wl.local_model, reason)
+        retry = max(1.0, upstream.breaker.retry_after())
+        who = f"workload '{wl.name}' has no local fallback" if wl is not None else "this model is only served by the cloud"
+        self._record(ex, "none", None, reason, 503)
+        raise UpstreamUnavailable(
+            f"The upstream '{upstream.name}' is unavailable ({reason}) and {who}. Retry after the indicated delay.",
+            retry_after=retry, headers={ROUTE: "none", REASON: reason})
+
+    # -- local -----------------------------------------------------------------------------------
+    async def _local(self, ex: Exchange, request: Request, body: Any, model_id: Any, reason: str | None) -> Response:
+        endpoint = ex.endpoint
+        if isinstance(body, dict) and isinstance(model_id, str) and body.get("model") != model_id:
+            body = {**body, "model": model_id}
+        try:
+            req = parse_request(endpoint.schema, body)
+        except InvalidRequest as exc:
+            if reason is None:
+                raise
+            raise UpstreamUnavailable(
+                f"The cloud is unavailable ({reason}) and the local fallback cannot serve this request: {exc.message}",
+                retry_after=max(1.0, self._retry_hint(ex)), headers={ROUTE: "none", REASON: reason}) from None
+        headers = self._headers(ex, "local", req.model, reason)
+        done = self._on_local_done(ex, req.model, reason)
+        wl = ex.workload
+        if endpoint is EMBEDDINGS:
+            out = await self.local.embed(req, req.model, request.receive)
+            usage = out["usage"]
+            done(200, usage["prompt_tokens"], None)
+            return JSONResponse(out, headers=headers)
+        if endpoint is CHAT:
+            gen = self.local.prepare_chat(req, req.model, wl.system_prompt if wl is not None else None)
+        else:
+            gen = self.local.prepare_completion(req, req.model)
+        return await self.local.respond(gen, ex.rid, req.stream, request.receive, headers, done)
+
+    def _retry_hint(self, ex: Exchange) -> float:
+        upstream = self.upstreams.get(ex.upstream) if ex.upstream else None
+        return upstream.breaker.retry_after() if upstream is not None else 1.0
+
+    def _on_local_done(self, ex: Exchange, model: str, reason: str | None) -> Callable[[int, int | None, int | None], None]:
+        def done(status: int, prompt: int | None, completion: int | None) -> None:
+            self._record(ex, "local", model, reason, status, prompt, completion)
+        return done
+
+    # -- journal ---------------------------------------------------------------------------------
+    def _record(self, ex: Exchange, route: str, model: str | None, reason: str | None, status: int,
+                prompt: int | None = None, completion: int | None = None, detail: str | None = None) -> None:
+        ex.recorded = True
+        if self.journal is None:
+            return
+        self.journal.record_route(
+            request_id=ex.rid, endpoint=ex.endpoint.name, workload=ex.workload.name if ex.workload else None,
+            upstream=ex.upstream, route=route, model=model, reason=reason, status=status,
+            latency_ms=(self._clock() - ex.started) * 1000, prompt_tokens=prompt, completion_tokens=completion, detail=detail)
