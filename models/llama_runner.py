@@ -173,6 +173,22 @@ class LlamaRunner:
         self._capacity = batch_tokens
         self._samplers: dict[int, Any] = {}
         self.kv_capacity = llama_cpp.llama_n_ctx(ctx)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One throw-away decode so that the first real request does not pay for page faults on
+        the mmapped weights and the first touch of the compute buffers (llama-server does the same)."""
+        batch = self._batch
+        tokens = [max(0, llama_cpp.llama_vocab_bos(self._model.vocab))] * 8
+        for i, t in enumerate(tokens):
+            batch.token[i] = t
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if i == len(tokens) - 1 else 0
+        batch.n_tokens = len(tokens)
+        llama_cpp.llama_decode(self._ctx, batch)
+        llama_cpp.llama_memory_clear(self._mem, True)
 
     # -- engine thread only -----------------------------------------------------------------------
     def run(self, out: SchedulerOutput) -> dict[int, int]:

@@ -34,6 +34,7 @@ class OnnxEmbedder:
         pad = tokenizer.token_to_id("[PAD]")
         self._pad_id = pad if pad is not None else 0
         self.max_length = max_length
+        self.embed([self.tokenize(["warm up"])[0]])  # first-run costs paid at load, not by a client
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=True)]

@@ -41,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hardware.detect import detect
-    from server.app import create_app
+    from server.app import FastPaths, create_app
 
     hw = detect()
     log = logging.getLogger("understudy")
@@ -50,12 +50,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("config: %s", config.source or "none (embedded default, fully local)")
     app = create_app(config, hw)
     uvicorn.run(
-        app,
+        FastPaths(app),
         host=config.server.host,
         port=config.server.port,
         log_level=config.server.log_level,
         access_log=config.server.log_level == "debug",
         timeout_graceful_shutdown=10,
+        proxy_headers=False,
     )
     return 0
 

@@ -6,7 +6,8 @@ for a breaker transition its old and new state and why. **Never** prompt or comp
 the table has no column for it.
 
 Writes come from the event loop (``record_*``) and are queued to one writer thread, which commits
-them in small batches within milliseconds. The database runs in WAL mode with
+them in batches, at most every 20 ms (one commit per batch keeps the writer off the event
+loop's back under load). The database runs in WAL mode with
 ``synchronous=NORMAL``: a committed row survives ``kill -9`` of the server (the WAL is in the
 OS's hands once ``commit`` returns). ``understudy events`` and ``GET /admin/events`` read it
 with a separate connection while the server runs.
@@ -45,6 +46,7 @@ COLUMNS = ("ts", "kind", "request_id", "endpoint", "workload", "upstream", "rout
            "latency_ms", "prompt_tokens", "completion_tokens", "detail")
 _INSERT = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 _STOP = object()
+_BATCH_PAUSE_S = 0.02
 
 
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -131,3 +133,4 @@ class Journal:
                     self._idle.notify_all()
             if stop:
                 return
+            time.sleep(_BATCH_PAUSE_S)  # let rows accumulate: one commit per batch, not per request

@@ -191,10 +191,12 @@ class Upstream:
         self._headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
-        self._client = httpx.AsyncClient(
-            base_url=base, timeout=timeout, transport=transport, headers=self._headers,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50, keepalive_expiry=30),
-        )
+        self._transport = transport or httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50, keepalive_expiry=30))
+        self._client = httpx.AsyncClient(base_url=base, timeout=timeout, transport=self._transport, headers=self._headers)
+        self._base = httpx.URL(base)
+        self._post_headers = httpx.Headers({**self._headers, "User-Agent": "understudy"})
+        self._timeouts = timeout.as_dict()
         # Probes open a fresh connection each time: a TCP connect is part of what they check.
         self._probe_client = httpx.AsyncClient(
             base_url=base, transport=transport, headers=self._headers,
@@ -211,10 +213,14 @@ class Upstream:
         return {f"x-upstream-{k.removeprefix('x-')}": headers[k] for k in _PASS_HEADERS if k in headers}
 
     async def _send(self, path: str, content: bytes) -> httpx.Response:
-        request = self._client.build_request("POST", path.lstrip("/"), content=content)
+        # Straight to the client's pooled transport: the client's auth, redirect and cookie
+        # layers do nothing for this call and cost about a tenth of a millisecond per request.
+        request = httpx.Request("POST", self._base.join(path.lstrip("/")), headers=self._post_headers, content=content,
+                                extensions={"timeout": self._timeouts})
         try:
             async with asyncio.timeout(self.config.first_byte_timeout_s):
-                response = await self._client.send(request, stream=True)
+                response = await self._transport.handle_async_request(request)
+                response.request = request
         except TimeoutError:
             raise UpstreamTimeout(f"no answer from {self.name} within {self.config.first_byte_timeout_s:g} s") from None
         except httpx.TimeoutException as exc:

@@ -78,3 +78,31 @@ def test_invalid_config_exits_2_with_one_clear_line(tmp_path: Path) -> None:
     assert out.returncode == 2 and "not valid TOML" in out.stderr
     out = subprocess.run([sys.executable, "-m", "server", "serve", "--config", str(tmp_path / "absent.toml")], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_the_shipped_example_config_parses(tmp_path: Path) -> None:
+    config = load_config(ROOT / "understudy.example.toml", env={"OPENAI_API_KEY": "sk-example"})
+    assert [w.name for w in config.workloads] == ["triage", "summaries", "general"]
+    assert [w.covered for w in config.workloads] == [True, True, False]
+    up = config.default_upstream
+    assert up is not None and up.name == "openai" and up.api_key == "sk-example"
+    assert up.breaker.failure_threshold == 3 and up.connect_timeout_s == 2.0
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v2"}]}, "upstreams[0].base_url"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1", "api_key_env": "UNSET_KEY_VAR"}]}, "upstreams[0].api_key_env"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}, {"name": "a", "base_url": "http://y/v1"}]}, "upstreams[1].name"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1", "failure_rate": 2.0}]}, "upstreams[0].failure_rate"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "upstream": "b"}]}, "workloads[0].upstream"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "fallback": "local"}]}, "workloads[0].local_model"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "fallback": "local", "local_model": "nope"}]}, "workloads[0].local_model"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "fallback": "maybe"}]}, "workloads[0].fallback"),
+    ({"workloads": [{"name": "w"}]}, "workloads[0].fallback"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "models": ["m"]}, {"name": "v", "models": ["m"]}]}, "workloads[1]"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": SMOLLM2_ID}]}, "workloads[0]"),
+])
+def test_invalid_failover_config_names_the_key(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, Path("."), env={})
+    assert info.value.key == key

@@ -361,7 +361,8 @@ def test_journal_holds_every_decision_after_a_hard_kill(tight: ServerProc, cloud
     conn.close()
     assert rows[ids[0]][1:5] == ("triage", "cloud", None, 200)
     assert rows[ids[1]][1:5] == ("triage", "local", "connect_error", 200)
-    assert rows[ids[2]][1:5] == ("general", "none", "connect_error", 503)
+    assert rows[ids[2]][1:3] == ("general", "none") and rows[ids[2]][4] == 503
+    assert rows[ids[2]][3] in ("connect_error", "circuit_open")  # the prober may have opened it by then
     assert all(rows[i][5] > 0 for i in ids)
     text = db.read_bytes() + (db.with_name(db.name + "-wal").read_bytes() if db.with_name(db.name + "-wal").exists() else b"")
     assert b"chest pain" not in text

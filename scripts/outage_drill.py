@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""Outage drill: steady load, the cloud dies, the cloud comes back. Prints what the clients saw.
+
+    .venv/bin/python scripts/outage_drill.py            # ~1 minute
+    .venv/bin/python scripts/outage_drill.py --healthy 10 --outage 20 --recovery 10
+
+What it does, in one run on this machine:
+1. Starts the fake cloud (``scripts/fake_cloud.py``, real HTTP on loopback) and Understudy (a
+   subprocess, default prober pace and breaker settings) with three workloads: ``triage`` and
+   ``summaries`` covered by the local model, ``general`` not covered.
+2. Pass-through overhead: the same non-streaming request sent alternately straight to the fake
+   cloud and through Understudy, with the official ``openai`` client; p50 of each and the
+   difference.
+3. Steady load with the official ``openai`` client (streaming and not, alternating): a few
+   clients per workload, each sending a request, then pausing briefly. After ``--healthy``
+   seconds the cloud is taken down (connections refused, open connections dropped, as when its
+   process dies); after ``--outage`` seconds it is brought back.
+4. Prints requests sent / succeeded / failed and served locally by workload; time from the
+   outage to the breaker opening and to the first local answer; time from recovery to the first
+   cloud answer; p50/p99 latency before, during and after; and checks the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from fake_cloud import FakeCloud  # noqa: E402
+
+LOCAL_MODEL = "smollm2-135m-instruct"
+WORKLOADS = {"triage": True, "summaries": True, "general": False}  # name -> covered
+MODELS = {"triage": "triage", "summaries": "summaries", "general": "gpt-4o"}
+CONNECT_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Result:
+    workload: str
+    started: float
+    ended: float
+    ok: bool
+    route: str
+    reason: str
+    status: int
+    retry_after: bool
+    stream: bool
+    ttft: float | None = None
+
+    @property
+    def latency(self) -> float:
+        return self.ended - self.started
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, cloud_url: str, state: Path) -> None:
+    path.write_text(f"""
+[server]
+state_dir = "{state}"
+log_level = "warning"
+
+[[upstreams]]
+name = "cloud"
+base_url = "{cloud_url}"
+api_key_env = "DRILL_CLOUD_KEY"
+connect_timeout_s = {CONNECT_TIMEOUT_S}
+
+[[workloads]]
+name = "triage"
+cloud_model = "gpt-4o-mini"
+fallback = "local"
+local_model = "{LOCAL_MODEL}"
+system_prompt = "You are a triage assistant. Answer with the urgency level first."
+
+[[workloads]]
+name = "summaries"
+cloud_model = "gpt-4o-mini"
+fallback = "local"
+local_model = "{LOCAL_MODEL}"
+system_prompt = "Summarise the note in one sentence."
+
+[[workloads]]
+name = "general"
+models = ["gpt-4o"]
+fallback = "none"
+""")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = max(0, min(len(values) - 1, int(round(q / 100 * (len(values) - 1)))))
+    return values[k]
+
+
+def ms(x: float) -> str:
+    return "-" if x != x else f"{x * 1000:.1f} ms"
+
+
+async def one_request(client: openai.AsyncOpenAI, workload: str, stream: bool, max_tokens: int) -> Result:
+    started = time.monotonic()
+    messages = [{"role": "user", "content": "58-year-old with chest pain radiating to the left arm, sweating."}]
+    try:
+        if stream:
+            raw = await client.chat.completions.with_raw_response.create(
+                model=MODELS[workload], messages=messages, max_tokens=max_tokens, stream=True)
+            text = ""
+            first = None
+            async for chunk in raw.parse():
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first = first or time.monotonic()
+                    text += chunk.choices[0].delta.content
+            headers = raw.headers
+        else:
+            raw = await client.chat.completions.with_raw_response.create(model=MODELS[workload], messages=messages, max_tokens=max_tokens)
+            text = raw.parse().choices[0].message.content or ""
+            headers = raw.headers
+            first = None
+        ok = bool(text)
+        return Result(workload, started, time.monotonic(), ok, headers.get("x-understudy-route", "?"),
+                      headers.get("x-understudy-fallback-reason", ""), raw.http_response.status_code, False, stream,
+                      first - started if first else None)
+    except openai.APIStatusError as exc:
+        h = exc.response.headers
+        return Result(workload, started, time.monotonic(), False, h.get("x-understudy-route", "?"),
+                      h.get("x-understudy-fallback-reason", ""), exc.status_code, "retry-after" in h, stream)
+    except openai.APIError as exc:
+        return Result(workload, started, time.monotonic(), False, "?", type(exc).__name__, 0, False, stream)
+
+
+async def client_loop(base: str, workload: str, stop_at: float, out: list[Result], max_tokens: int, pause: float, seed: int) -> None:
+    client = openai.AsyncOpenAI(base_url=base, api_key="drill", max_retries=0, timeout=60)
+    stream = bool(seed % 2)
+    try:
+        while time.monotonic() < stop_at:
+            out.append(await one_request(client, workload, stream, max_tokens))
+            stream = not stream
+            await asyncio.sleep(pause)
+    finally:
+        await client.close()
+
+
+async def watch_breaker(url: str, stop_at: float, states: list[tuple[float, str]]) -> None:
+    async with httpx.AsyncClient(timeout=5) as c:
+        last = None
+        while time.monotonic() < stop_at:
+            try:
+                state = (await c.get(url + "/admin/status")).json()["upstreams"]["cloud"]["breaker"]
+            except (httpx.HTTPError, KeyError, ValueError):
+                state = "?"
+            if state != last:
+                states.append((time.monotonic(), state))
+                last = state
+            await asyncio.sleep(0.02)
+
+
+async def local_ttft_idle(url: str, max_tokens: int) -> float:
+    """The local model's time to first token with nothing else running (the same prompt)."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="drill", max_retries=0, timeout=60)
+    MODELS["_local"] = LOCAL_MODEL
+    try:
+        ttfts = [(await one_request(client, "_local", True, max_tokens)).ttft for _ in range(5)]
+    finally:
+        await client.close()
+        del MODELS["_local"]
+    return statistics.median(t for t in ttfts if t is not None)
+
+
+def measure_overhead(cloud_url: str, server_url: str, samples: int) -> tuple[list[float], list[float]]:
+    direct_client = openai.OpenAI(base_url=cloud_url, api_key="drill", max_retries=0, timeout=10)
+    via_client = openai.OpenAI(base_url=server_url + "/v1", api_key="drill", max_retries=0, timeout=10)
+    msg = [{"role": "user", "content": "ping"}]
+    direct: list[float] = []
+    via: list[float] = []
+    try:
+        for i in range(samples + 20):
+            for client, bucket in ((direct_client, direct), (via_client, via)) if i % 2 else ((via_client, via), (direct_client, direct)):
+                model = "gpt-4o-mini" if client is direct_client else "triage"
+                t = time.perf_counter()
+                client.chat.completions.create(model=model, messages=msg, max_tokens=8)
+                if i >= 20:  # warm-up first
+                    bucket.append(time.perf_counter() - t)
+    finally:
+        direct_client.close()
+        via_client.close()
+    return direct, via
+
+
+def report(results: list[Result], t_out: float, t_rec: float, t_end: float, states: list[tuple[float, str]],
+           direct: list[float], via: list[float], idle_ttft: float) -> bool:
+    print("\n== Pass-through overhead (cloud healthy, non-streaming, official openai client, sequential)")
+    d50, v50 = statistics.median(direct), statistics.median(via)
+    print(f"   direct to fake cloud: p50 {ms(d50)}  p99 {ms(pct(direct, 99))}   ({len(direct)} requests)")
+    print(f"   through Understudy:   p50 {ms(v50)}  p99 {ms(pct(via, 99))}   ({len(via)} requests)")
+    print(f"   added latency p50:    {ms(v50 - d50)}")
+
+    print("\n== Requests by workload")
+    print(f"   {'workload':<10} {'covered':<8} {'sent':>5} {'ok':>5} {'failed':>6} {'local':>6} {'503+Retry-After':>16} {'other failures':>15}")
+    for wl, covered in WORKLOADS.items():
+        rs = [r for r in results if r.workload == wl]
+        failed = [r for r in rs if not r.ok]
+        proper = [r for r in failed if r.status == 503 and r.retry_after and r.reason]
+        print(f"   {wl:<10} {str(covered):<8} {len(rs):>5} {sum(r.ok for r in rs):>5} {len(failed):>6} "
+              f"{sum(r.ok and r.route == 'local' for r in rs):>6} {len(proper):>16} {len(failed) - len(proper):>15}")
+
+    covered = [r for r in results if WORKLOADS[r.workload]]
+    local_after = sorted((r for r in covered if r.ok and r.route == "local" and r.started >= t_out), key=lambda r: r.ended)
+    first_after = sorted((r for r in covered if r.started >= t_out), key=lambda r: r.started)
+    cloud_after = sorted((r for r in covered if r.ok and r.route == "cloud" and r.started >= t_rec), key=lambda r: r.ended)
+    opened = next((t for t, s in states if t >= t_out and s == "open"), None)
+    closed_again = next((t for t, s in states if t >= t_rec and s == "closed"), None)
+
+    print("\n== Outage timeline (t = 0 when the cloud went down)")
+    print(f"   breaker open after:              {ms(opened - t_out) if opened else 'never'}")
+    if local_after:
+        print(f"   first local answer after:        {ms(local_after[0].ended - t_out)}")
+    if first_after:
+        r = first_after[0]
+        print(f"   first request after the outage:  {r.route} ({r.reason or 'no reason'}), "
+              f"{'streamed, first token' if r.stream else 'JSON, answered'} in {ms(r.ttft if r.stream and r.ttft else r.latency)}")
+    first_stream = next((r for r in first_after if r.stream), None)
+    local_ttfts = [r.ttft for r in covered if r.route == "local" and r.ttft is not None and t_out <= r.started < t_rec]
+    local_ttft = pct(local_ttfts, 50)
+    if first_stream is not None and first_stream.ttft is not None:
+        print(f"   first streamed request after:    {first_stream.route} ({first_stream.reason}), first token in {ms(first_stream.ttft)}")
+    print(f"   local time to first token:       idle {ms(idle_ttft)}, p50 during the outage {ms(local_ttft)}")
+    print(f"   breaker closed after recovery:   {ms(closed_again - t_rec) if closed_again else 'never'}")
+    print(f"   first cloud answer after recovery: {ms(cloud_after[0].ended - t_rec) if cloud_after else 'never'}")
+    reasons: dict[str, int] = {}
+    for r in covered:
+        if r.route == "local":
+            reasons[r.reason or "-"] = reasons.get(r.reason or "-", 0) + 1
+    print(f"   local answers by reason:         {reasons}")
+
+    print("\n== Latency of successful requests (by when they started)")
+    print(f"   {'phase':<8} {'workloads':<10} {'n':>5} {'p50':>10} {'p99':>10}")
+    phases = [("before", 0.0, t_out), ("during", t_out, t_rec), ("after", t_rec, t_end)]
+    for name, a, b in phases:
+        for label, pick in (("covered", True), ("uncovered", False)):
+            lat = [r.latency for r in results if a <= r.started < b and r.ok and WORKLOADS[r.workload] is pick]
+            print(f"   {name:<8} {label:<10} {len(lat):>5} {ms(pct(lat, 50)):>10} {ms(pct(lat, 99)):>10}")
+
+    uncovered_failed = [r for r in results if not WORKLOADS[r.workload] and not r.ok]
+    first_ttft = first_stream.ttft if first_stream is not None and first_stream.ttft is not None else float("inf")
+    checks = [
+        ("covered workloads: 0 failed requests", sum(not r.ok for r in covered) == 0),
+        (f"first streamed request after the outage: local, first token within the connect timeout ({CONNECT_TIMEOUT_S:g} s) "
+         f"+ the local time to first token ({ms(first_ttft)} <= {ms(CONNECT_TIMEOUT_S + local_ttft)})",
+         first_stream is not None and first_stream.route == "local" and first_ttft <= CONNECT_TIMEOUT_S + local_ttft),
+        ("breaker knew within 1 s of the outage", opened is not None and opened - t_out <= 1.0),
+        (f"pass-through overhead p50 <= 2 ms ({ms(v50 - d50)})", v50 - d50 <= 0.002),
+        ("uncovered failures: all 503 + Retry-After + reason", all(r.status == 503 and r.retry_after and r.reason for r in uncovered_failed)),
+        (f"uncovered failures never hang past the connect timeout (max {ms(max((r.latency for r in uncovered_failed), default=0))})",
+         all(r.latency < CONNECT_TIMEOUT_S for r in uncovered_failed)),
+        ("traffic failed back to the cloud after recovery", bool(cloud_after)),
+    ]
+    print("\n== Targets")
+    for label, ok in checks:
+        print(f"   [{'PASS' if ok else 'FAIL'}] {label}")
+    return all(ok for _, ok in checks)
+
+
+async def load(url: str, t_out_offset: float, duration: float, clients: int, max_tokens: int, pause: float,
+               cloud: FakeCloud, outage: float) -> tuple[list[Result], float, float, float, list[tuple[float, str]]]:
+    results: list[Result] = []
+    states: list[tuple[float, str]] = []
+    start = time.monotonic()
+    stop_at = start + duration
+    tasks = [asyncio.create_task(client_loop(url + "/v1", wl, stop_at, results, max_tokens, pause, i))
+             for wl in WORKLOADS for i in range(clients)]
+    tasks.append(asyncio.create_task(watch_breaker(url, stop_at, states)))
+    await asyncio.sleep(t_out_offset)
+    t_out = time.monotonic()
+    await asyncio.to_thread(cloud.set_fault, "refuse")
+    print(f"   t={t_out - start:5.1f} s  cloud down (connections refused)", flush=True)
+    await asyncio.sleep(outage)
+    t_rec = time.monotonic()
+    await asyncio.to_thread(cloud.set_fault, "ok")
+    print(f"   t={t_rec - start:5.1f} s  cloud back", flush=True)
+    await asyncio.gather(*tasks)
+    return results, t_out, t_rec, time.monotonic(), states
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--healthy", type=float, default=10.0, help="seconds of load before the outage")
+    parser.add_argument("--outage", type=float, default=15.0, help="seconds the cloud stays down")
+    parser.add_argument("--recovery", type=float, default=10.0, help="seconds of load after it comes back")
+    parser.add_argument("--clients", type=int, default=2, help="concurrent clients per workload")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--pause", type=float, default=0.1, help="seconds each client waits between requests")
+    parser.add_argument("--overhead-samples", type=int, default=300)
+    args = parser.parse_args()
+
+    cloud = FakeCloud().start()
+    tmp = Path(tempfile.mkdtemp(prefix="understudy-drill-"))
+    config = tmp / "drill.toml"
+    write_config(config, cloud.url, tmp / "state")
+    port = free_port()
+    env = {**os.environ, "DRILL_CLOUD_KEY": "sk-drill-upstream"}
+    log = (tmp / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(config), "--port", str(port)],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() - t0 > 120:
+                raise SystemExit(f"Understudy did not start; see {tmp / 'server.log'}")
+            time.sleep(0.1)
+        print(f"Understudy ready in {time.monotonic() - t0:.1f} s; fake cloud on {cloud.url}; journal in {tmp / 'state'}")
+        print(f"Measuring pass-through overhead ({args.overhead_samples} requests each way)...", flush=True)
+        direct, via = measure_overhead(cloud.url, url, args.overhead_samples)
+        idle_ttft = asyncio.run(local_ttft_idle(url, args.max_tokens))
+        total = args.healthy + args.outage + args.recovery
+        print(f"Load: {args.clients} clients x {len(WORKLOADS)} workloads for {total:g} s, max_tokens {args.max_tokens}", flush=True)
+        results, t_out, t_rec, t_end, states = asyncio.run(
+            load(url, args.healthy, total, args.clients, args.max_tokens, args.pause, cloud, args.outage))
+        ok = report(results, t_out, t_rec, t_end, states, direct, via, idle_ttft)
+        return 0 if ok else 1
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+        cloud.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
