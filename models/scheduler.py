@@ -16,9 +16,13 @@ Policy (vLLM v1's shape, llama.cpp server's slots):
   sequence is fed ``num_tokens - num_computed`` tokens, capped by what is left of the budget.
   Running sequences go first, in admission order (so decodes never starve), then waiting ones
   are admitted in arrival order while a slot is free and budget remains.
-- Each slot remembers the tokens its KV cells hold. A new sequence takes the free slot whose
-  cached tokens share the longest prefix with it and skips recomputing that prefix (prefix
-  cache); a tie or no match takes an empty slot, then the least recently used one.
+- Each slot remembers the tokens its KV cells hold. A new sequence takes the free slot that
+  maximises ``shared prefix - DISCARD_WEIGHT × cached tokens it would throw away`` and skips
+  recomputing the shared prefix (prefix cache). So a repeated prompt or the next turn of a
+  conversation goes back to its own slot, while a prompt that only shares a system prompt does
+  not wipe another conversation's long cache when an empty slot is free. Ties go to an empty
+  slot, then to the least recently used one. (Slots cannot share cells: with one KV stream per
+  slot, a cross-slot copy would move the whole stream.)
 - KV accounting. ``kv_per_slot=True``: every slot owns ``kv_capacity // num_slots`` cells and a
   sequence may never exceed that (the engine caps requests at submit), so nothing is preempted.
   ``kv_per_slot=False`` (one shared pool): when the pool is short, cached prefixes of idle slots
@@ -36,6 +40,9 @@ from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 
 from models.sequence import Sequence, SequenceStatus
+
+#: How much a cached token thrown away counts against a reused one when choosing a slot.
+DISCARD_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
@@ -240,11 +247,10 @@ class Scheduler:
     def _pick_slot(self, seq: Sequence) -> tuple[Slot, int] | None:
         """The free slot to run ``seq`` in and how many of its leading tokens that slot already holds.
 
-        Longest cached prefix first; with none, an empty slot, then the least recently used one.
         At least one token is always left to compute (its logits give the first sampled token).
         """
         best: tuple[Slot, int] | None = None
-        best_key: tuple[int, bool, int] | None = None
+        best_key: tuple[float, bool, int] | None = None
         first = seq.token_at(0)
         limit = seq.num_tokens - 1
         for slot in self.slots:
@@ -253,7 +259,7 @@ class Scheduler:
             n = 0
             if slot.tokens and slot.tokens[0] == first and limit > 0:
                 n = common_prefix_len(slot.tokens, seq.tokens(0, min(seq.num_tokens, len(slot.tokens))), limit)
-            key = (n, not slot.tokens, -slot.last_used)
+            key = (n - DISCARD_WEIGHT * (len(slot.tokens) - n), not slot.tokens, -slot.last_used)
             if best_key is None or key > best_key:
                 best, best_key = (slot, n), key
         return best

@@ -71,7 +71,7 @@ def test_prefix_cache_reuses_the_slot_with_the_longest_common_prefix() -> None:
     s, r = make(num_slots=2, budget=64)
     system = list(range(100, 120))
     a = seq(system + [1, 2, 3], max_tokens=1)
-    other = seq([7, 8, 9, 10], max_tokens=1)
+    other = seq([7, 8, 9, 10] * 10, max_tokens=1)
     s.add(a)
     s.add(other)
     step(s, r)
@@ -84,6 +84,24 @@ def test_prefix_cache_reuses_the_slot_with_the_longest_common_prefix() -> None:
     assert b.num_cached == len(system)
     assert (out.chunks[0].start, out.chunks[0].num_tokens) == (len(system), 2)
     assert (slot_of_a, len(system)) in out.kv_clears  # a's own tail (1, 2, 3 and its answer) is dropped
+
+
+def test_a_shared_system_prompt_does_not_wipe_a_long_cache_while_a_slot_is_empty() -> None:
+    s, r = make(num_slots=2, budget=256)
+    system = list(range(100, 110))
+    a = seq(system + list(range(1, 60)), max_tokens=1)
+    s.add(a)
+    step(s, r)
+    slot_a = next(sl.index for sl in s.slots if sl.tokens)
+    b = seq(system + [7, 7, 7], max_tokens=1)
+    s.add(b)
+    out = step(s, r)
+    assert b.slot != slot_a and b.num_cached == 0  # reusing 10 tokens would throw 50 away
+    assert not any(slot == slot_a for slot, _ in out.kv_clears)
+    again = seq(system + list(range(1, 60)), max_tokens=1)
+    s.add(again)
+    step(s, r)
+    assert again.num_cached == len(again.prompt_tokens) - 1  # a's conversation was still there
 
 
 def test_identical_prompt_recomputes_only_its_last_token() -> None:

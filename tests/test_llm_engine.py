@@ -1,0 +1,144 @@
+"""The LLM engine thread with a fake runner: text assembly, stop strings, cancellation, admission, failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from models.bridge import Delta, Final
+from models.engine_base import EngineFailure, EngineOverloaded
+from models.llm_engine import LlmEngine
+from models.scheduler import SchedulerConfig, SchedulerOutput
+from models.sequence import SamplingParams
+from tests.fake_runner import FakeRunner
+
+# token id -> bytes; 9 is end-of-generation
+PIECES = [b"", b"Hel", b"lo", b" wor", b"ld", b" ##", b"#", b" STOP", "\u2603".encode()[:2], b""]
+EOG = frozenset({9})
+
+
+def script(tokens: list[int]):  # type: ignore[no-untyped-def]
+    return lambda seq: tokens[len(seq.output_tokens)] if len(seq.output_tokens) < len(tokens) else 9
+
+
+async def collect(channel) -> tuple[str, Final]:  # type: ignore[no-untyped-def]
+    text = ""
+    while True:
+        for item in await channel.get():
+            if isinstance(item, Delta):
+                text += item.text
+            elif isinstance(item, Final):
+                return text, item
+
+
+def engine(runner: FakeRunner, slots: int = 2, max_waiting: int = 8) -> LlmEngine:
+    config = SchedulerConfig(num_slots=slots, max_batch_tokens=64, kv_capacity=slots * 256, kv_per_slot=True)
+    return LlmEngine("fake", runner, config, PIECES, EOG, max_waiting)
+
+
+def test_text_usage_and_stop_at_end_of_generation() -> None:
+    async def go() -> tuple[str, Final]:
+        eng = engine(FakeRunner(2, script([1, 2, 3, 4])))
+        eng.start(asyncio.get_running_loop())
+        try:
+            return await collect(eng.submit([5, 6, 7], 50, SamplingParams()))
+        finally:
+            await asyncio.to_thread(eng.stop)
+
+    text, final = asyncio.run(go())
+    assert text == "Hello world"
+    assert (final.finish_reason, final.prompt_tokens, final.completion_tokens) == ("stop", 3, 5)
+
+
+def test_stop_string_split_over_tokens_is_cut_and_the_slot_freed() -> None:
+    async def go() -> tuple[str, Final, dict]:
+        eng = engine(FakeRunner(1, script([1, 2, 5, 6, 6, 3, 4])))
+        eng.start(asyncio.get_running_loop())
+        try:
+            text, final = await collect(eng.submit([5, 6, 7], 50, SamplingParams(), stop=("###",)))
+            return text, final, eng.status()
+        finally:
+            await asyncio.to_thread(eng.stop)
+
+    text, final, status = asyncio.run(go())
+    assert text == "Hello " and final.finish_reason == "stop"
+    assert status["running"] == 0
+
+
+def test_max_tokens_gives_length() -> None:
+    async def go() -> tuple[str, Final]:
+        eng = engine(FakeRunner(1, script([1, 2, 3, 4, 3, 4])))
+        eng.start(asyncio.get_running_loop())
+        try:
+            return await collect(eng.submit([5], 3, SamplingParams()))
+        finally:
+            await asyncio.to_thread(eng.stop)
+
+    text, final = asyncio.run(go())
+    assert text == "Hello wor" and final.finish_reason == "length" and final.completion_tokens == 3
+
+
+def test_cancel_frees_the_slot_for_the_next_request() -> None:
+    async def go() -> tuple[str, Final]:
+        forever = FakeRunner(1, lambda seq: 3)  # never ends on its own
+        eng = engine(forever, slots=1)
+        eng.start(asyncio.get_running_loop())
+        try:
+            first = eng.submit([5], 10_000, SamplingParams())
+            await first.get()
+            second = eng.submit([6], 2, SamplingParams())
+            first.cancel()
+            return await asyncio.wait_for(collect(second), 5)
+        finally:
+            await asyncio.to_thread(eng.stop)
+
+    text, final = asyncio.run(go())
+    assert final.finish_reason == "length" and text == " wor wor"
+
+
+def test_full_queue_is_refused_at_once() -> None:
+    async def go() -> None:
+        eng = engine(FakeRunner(1, lambda seq: 3), slots=1, max_waiting=2)
+        eng.start(asyncio.get_running_loop())
+        try:
+            channels = [eng.submit([5], 10_000, SamplingParams()) for _ in range(2)]
+            with pytest.raises(EngineOverloaded) as info:
+                eng.submit([5], 1, SamplingParams())
+            assert info.value.retry_after >= 1
+            for ch in channels:
+                ch.cancel()
+        finally:
+            await asyncio.to_thread(eng.stop)
+
+    asyncio.run(go())
+
+
+class ExplodingRunner(FakeRunner):
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.calls = 0
+
+    def run(self, out: SchedulerOutput) -> dict[int, int]:
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("llama_decode returned -3")
+        return super().run(out)
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving() -> None:
+    async def go() -> tuple[Final, Final]:
+        runner = ExplodingRunner()
+        runner.next_token = script([1, 2])
+        eng = engine(runner)
+        eng.start(asyncio.get_running_loop())
+        try:
+            _, failed = await collect(eng.submit([5, 6], 50, SamplingParams()))
+            _, ok = await collect(eng.submit([5, 6], 50, SamplingParams()))
+            return failed, ok
+        finally:
+            await asyncio.to_thread(eng.stop)
+
+    failed, ok = asyncio.run(go())
+    assert isinstance(failed.error, EngineFailure)
+    assert ok.error is None and ok.finish_reason == "stop"
