@@ -54,7 +54,8 @@ class LlmEngine(EngineThread):
         self._pieces = pieces
         self._eog = eog
         self._live: dict[int, _Live] = {}
-        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0, "preemptions": 0}
+        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0, "preemptions": 0,
+                      "steps": 0, "max_running": 0}
         self._snapshot = {"running": 0, "waiting": 0, "kv_used": 0}
 
     # -- event-loop thread -----------------------------------------------------------------------
@@ -96,6 +97,8 @@ class LlmEngine(EngineThread):
         self.stats["preemptions"] += len(out.preempted)
         if out.chunks or out.kv_clears:
             sampled = self._runner.run(out)
+            self.stats["steps"] += 1
+            self.stats["max_running"] = max(self.stats["max_running"], sched.num_running)
             pieces = self._pieces
             for seq in sched.update_from_output(out, sampled, self._eog):
                 live = self._live[seq.seq_id]
