@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import llama_cpp
 import llama_cpp._logger  # noqa: F401  (installs llama-cpp-python's log callback)
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -79,12 +81,12 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self._template = self._load_template()
         if vocab_only:
             return
         self.eog: frozenset[int] = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
         self.pieces: list[bytes] = [self._piece(t, special=False) for t in range(self.n_vocab)]
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
-        self._template = self._load_template()
 
     @property
     def handle(self) -> Any:
@@ -221,7 +223,17 @@ class LlamaRunner:
             raise RuntimeError(f"llama_decode returned {rc} for a batch of {i} tokens")
         ctx = self._ctx
         sample = llama_cpp.llama_sampler_sample
-        return {seq.seq_id: sample(self._sampler(seq), ctx, idx) for seq, idx in to_sample}
+        out_tokens: dict[int, int] = {}
+        for seq, idx in to_sample:
+            sp = seq.sampling
+            if sp.is_greedy and not sp.has_penalties:
+                # Plain greedy: an argmax over the logits row, without building llama.cpp's
+                # candidate array (about 0.2 ms per sequence per step on this machine's CPU).
+                row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(self._model.n_vocab,))
+                out_tokens[seq.seq_id] = int(row.argmax())
+            else:
+                out_tokens[seq.seq_id] = sample(self._sampler(seq), ctx, idx)
+        return out_tokens
 
     def clear_slot(self, slot: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, slot, 0, -1)
@@ -240,7 +252,7 @@ class LlamaRunner:
     def _build_chain(self, sp: SamplingParams, history: int) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
-        if sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty:
+        if sp.has_penalties:
             add(chain, llama_cpp.llama_sampler_init_penalties(
                 self._model.n_vocab, max(1, history), sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty
             ))

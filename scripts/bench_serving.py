@@ -13,7 +13,8 @@ tok/s, requests completed (and cut short), TTFT p50/p95, inter-token latency p50
 (last token - first token) / (tokens - 1)), end-to-end p50/p95. Tokens are the server's
 ``usage.completion_tokens`` when it reports it, else one per content event.
 
-With ``--compare`` the same load runs, in the same run and one server at a time, against
+With ``--compare`` the same load runs, in the same run, one server at a time and interleaved
+(each level against each server in turn, ``--reps`` times), against
 (a) ``python -m llama_cpp.server`` (``--interrupt_requests False``: with its default a new request
 cuts the running stream) and (b) llama.cpp's ``llama-server --parallel <slots>``, built once from
 the llama.cpp sources in the llama-cpp-python sdist (``scripts/build_llama_server.py``), all on the
@@ -242,15 +243,6 @@ def print_levels(name: str, rows: list[dict[str, Any]]) -> None:
               f"{r['itl50'] * 1000:>6.1f}ms {r['itl95'] * 1000:>5.1f}ms {r['e2e50']:>7.2f}s {r['e2e95']:>6.2f}s")
 
 
-def chat_bench(server: Server, levels: list[int], duration: float, max_tokens: int) -> list[dict[str, Any]]:
-    rows = []
-    for c in levels:
-        level = asyncio.run(run_level(server, c, duration, max_tokens))
-        rows.append(level.summary(max_tokens))
-        print(f"  {server.name}: c={c} {rows[-1]['tok_s']:.1f} tok/s, {rows[-1]['done']} done, TTFT p50 {rows[-1]['ttft50']:.3f} s", flush=True)
-    return rows
-
-
 def print_comparison(results: dict[str, list[dict[str, Any]]]) -> None:
     ours = results.get("understudy")
     if not ours:
@@ -382,7 +374,8 @@ def main() -> int:
     parser.add_argument("--url", help="benchmark this running server instead of starting Understudy")
     parser.add_argument("--compare", action="store_true", help="also run llama-cpp-python's server and llama-server")
     parser.add_argument("--levels", default="1,2,4,8,16")
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level and server")
+    parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions per level (the duration is split)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--ctx-per-slot", type=int, default=4096)
@@ -408,7 +401,8 @@ def main() -> int:
         elif args.burst:
             asyncio.run(burst(server, args.burst, args.max_tokens))
         else:
-            print_levels(server.url, chat_bench(server, levels, args.duration, args.max_tokens))
+            rows = [asyncio.run(run_level(server, c, args.duration, args.max_tokens)).summary(args.max_tokens) for c in levels]
+            print_levels(server.url, rows)
         return 0
 
     if args.embeddings or args.burst:
@@ -423,27 +417,41 @@ def main() -> int:
             server.stop()
         return 0
 
-    wanted = [s for s in (args.only.split(",") if args.only else ["understudy", "llama-cpp-python", "llama-server"])]
+    wanted = args.only.split(",") if args.only else ["understudy", "llama-cpp-python", "llama-server"]
     if not args.compare:
         wanted = ["understudy"]
-    results: dict[str, list[dict[str, Any]]] = {}
-    names: dict[str, str] = {}
-    for which in wanted:
-        if which == "understudy":
-            server = start_understudy(tmp, args.slots, args.ctx_per_slot, args.threads)
-        elif which == "llama-cpp-python":
-            server = start_llama_cpp_python(tmp, gguf, args.ctx_per_slot, args.threads)
-        else:
-            server = start_llama_server(tmp, gguf, args.slots, args.ctx_per_slot, args.threads)
-        try:
-            print(f"{server.name}: ready in {server.ready_s:.2f} s, RSS {server.rss_mb():.0f} MB", flush=True)  # type: ignore[attr-defined]
-            results[which] = chat_bench(server, levels, args.duration, args.max_tokens)
-            names[which] = server.name
-        finally:
-            server.stop()
+    servers: dict[str, Server] = {}
+    try:
+        for which in wanted:  # all started up front; an idle server costs no CPU
+            if which == "understudy":
+                servers[which] = start_understudy(tmp, args.slots, args.ctx_per_slot, args.threads)
+            elif which == "llama-cpp-python":
+                servers[which] = start_llama_cpp_python(tmp, gguf, args.ctx_per_slot, args.threads)
+            else:
+                servers[which] = start_llama_server(tmp, gguf, args.slots, args.ctx_per_slot, args.threads)
+            s = servers[which]
+            print(f"{s.name}: ready in {s.ready_s:.2f} s, RSS {s.rss_mb():.0f} MB", flush=True)  # type: ignore[attr-defined]
+        # Interleaved: each level runs against every server in turn, ``--reps`` times, the order
+        # reversed every other time, so that this shared machine's drifts hit them all alike.
+        results: dict[str, list[dict[str, Any]]] = {k: [] for k in servers}
+        order = list(servers)
+        for c in levels:
+            merged: dict[str, Level] = {k: Level(c) for k in servers}
+            for rep in range(args.reps):
+                for which in (order if rep % 2 == 0 else order[::-1]):
+                    level = asyncio.run(run_level(servers[which], c, args.duration / args.reps, args.max_tokens))
+                    merged[which].replies += level.replies
+                    merged[which].wall += level.wall
+            for which in order:
+                row = merged[which].summary(args.max_tokens)
+                results[which].append(row)
+                print(f"  c={c:<3} {servers[which].name:<24} {row['tok_s']:7.1f} tok/s, {row['done']} done, TTFT p50 {row['ttft50']:.3f} s", flush=True)
+    finally:
+        for s in servers.values():
+            s.stop()
     for which, rows in results.items():
-        print_levels(names[which], rows)
-    print_comparison({names[k] if k != "understudy" else k: v for k, v in results.items()})
+        print_levels(servers[which].name, rows)
+    print_comparison({servers[k].name if k != "understudy" else k: v for k, v in results.items()})
     return 0
 
 

@@ -11,7 +11,7 @@ import asyncio
 import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -34,6 +34,7 @@ from server.errors import (
 )
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
+T = TypeVar("T")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Done = Callable[[int, "int | None", "int | None"], None]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -75,21 +76,33 @@ async def wait_disconnect(receive: Receive) -> None:
             return
 
 
+async def or_disconnect(awaitable: Awaitable[T], receive: Receive) -> T:
+    """Await ``awaitable`` unless the client disconnects first: then cancel it, raise ``ClientGone``."""
+    task = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:
+        pass
+    raise ClientGone()
+
+
 async def until_items(channel: Channel, receive: Receive | None) -> list[Any]:
     """``channel.get()``, cancelling the request if the client disconnects first."""
     if receive is None:
         return await channel.get()
-    getter = asyncio.ensure_future(channel.get())
-    gone = asyncio.ensure_future(wait_disconnect(receive))
     try:
-        done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if getter in done:
-        return getter.result()
-    getter.cancel()
-    channel.cancel()
-    raise ClientGone()
+        return await or_disconnect(channel.get(), receive)
+    except ClientGone:
+        channel.cancel()
+        raise
 
 
 class LocalModels:

@@ -32,9 +32,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -43,7 +43,7 @@ from server import openai_format as fmt
 from server.config import WorkloadConfig
 from server.errors import ApiError, InvalidRequest, UpstreamUnavailable
 from server.journal import Journal
-from server.local import ClientGone, LocalModels, Receive, wait_disconnect
+from server.local import ClientGone, LocalModels, or_disconnect
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
 from server.upstream import (
     Upstream,
@@ -59,9 +59,6 @@ MODEL = "X-Understudy-Model"
 REASON = "X-Understudy-Fallback-Reason"
 WORKLOAD = "X-Understudy-Workload"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -86,24 +83,6 @@ class Exchange:
     workload: WorkloadConfig | None
     upstream: str | None = None
     recorded: bool = False
-
-
-async def _or_disconnect(awaitable: Awaitable[T], receive: Receive) -> T:
-    """Await ``awaitable`` unless the client disconnects first (then cancel it, raise ``ClientGone``)."""
-    task = asyncio.ensure_future(awaitable)
-    gone = asyncio.ensure_future(wait_disconnect(receive))
-    try:
-        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except BaseException:
-        pass
-    raise ClientGone()
 
 
 class Router:
@@ -199,13 +178,13 @@ class Router:
         content, model = self._cloud_payload(ex, raw, body)
         stream = isinstance(body, dict) and body.get("stream") is True
         if not stream:
-            reply = await _or_disconnect(upstream.post(ex.endpoint.path, content), request.receive)
+            reply = await or_disconnect(upstream.post(ex.endpoint.path, content), request.receive)
             upstream.breaker.on_success()
             usage = reply.usage or {}
             self._record(ex, "cloud", model, None, reply.status, usage.get("prompt_tokens"), usage.get("completion_tokens"))
             return Response(reply.body, status_code=reply.status, media_type="application/json",
                             headers={**reply.headers, **self._headers(ex, "cloud", model)})
-        opened = await _or_disconnect(upstream.open_stream(ex.endpoint.path, content), request.receive)
+        opened = await or_disconnect(upstream.open_stream(ex.endpoint.path, content), request.receive)
         upstream.breaker.on_success()
         return StreamingResponse(self._relay(ex, upstream, opened, model), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **opened.headers, **self._headers(ex, "cloud", model)})
