@@ -1,6 +1,6 @@
 """CPU, memory and container-limit detection.
 
-``detect()`` is called once at start-up (``server.app``) and by ``understudy hardware``. It reads
+``detect()`` is called once by ``understudy serve`` (``server.cli``) and by ``understudy hardware``. It reads
 ``/proc/cpuinfo`` and the cgroup files under ``root`` (injectable so tests can point it at a fake
 tree), psutil for core counts and RAM, and NVML through ``hardware.nvml``. It never raises on a
 missing file: a value that cannot be read is ``None`` or empty.

@@ -9,7 +9,7 @@ tests can pass a fake NVML with the same functions and exception class as ``pynv
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 

@@ -56,7 +56,6 @@ class LlmOverrides:
     gpu_layers: int | None = None
     slots: int | None = None
     kv_tokens: int | None = None
-    max_context: int | None = None
     batch_tokens: int | None = None
     max_waiting: int | None = None
 
@@ -94,6 +93,9 @@ def tune_llm(
     """Pick settings for one GGUF model; raises ``ModelDoesNotFit`` with the figures when it cannot."""
     gpu = hw.gpu.gpus[0] if hw.gpu.gpus else None
     on_gpu = gpu is not None and gpu_offload_supported and overrides.gpu_layers != 0
+    if overrides.gpu_layers and not on_gpu:
+        why = "no NVIDIA GPU was detected" if gpu is None else "this llama.cpp build has no GPU offload"
+        raise ModelDoesNotFit(f"gpu_layers = {overrides.gpu_layers} was asked for but {why}; remove it to run on the CPU")
     slots = overrides.slots or (32 if on_gpu else min(16, max(4, 4 * hw.usable_cores)))
     if overrides.kv_tokens is not None:
         kv_tokens = overrides.kv_tokens
@@ -110,6 +112,9 @@ def tune_llm(
                 need = _estimate(shape, kv_tokens)
         if need <= gpu_room:
             gpu_layers = overrides.gpu_layers if overrides.gpu_layers is not None else shape.n_layer + 1
+        elif overrides.gpu_layers:
+            raise ModelDoesNotFit(f"gpu_layers = {overrides.gpu_layers} was asked for but the model and its KV cache "
+                                  f"need about {need // MIB} MiB and the GPU has {gpu_room // MIB} MiB free")
         else:
             gpu_layers = 0
         room = gpu_room if gpu_layers else host_room
@@ -126,7 +131,7 @@ def tune_llm(
             f"{kv_tokens} tokens {kv_tokens * shape.kv_bytes_per_token // MIB} MiB + "
             f"{_COMPUTE_RESERVE_BYTES // MIB} MiB compute) but only {room // MIB} MiB is available"
         )
-    max_context = min(overrides.max_context or shape.n_ctx_train, kv_tokens)
+    max_context = min(shape.n_ctx_train, kv_tokens)
     return LlmTuning(
         threads=overrides.threads or hw.usable_cores,
         gpu_layers=gpu_layers,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -61,9 +61,6 @@ class ModelSpec:
     """``embedded`` for the default catalog, ``config`` for the user's own models."""
     missing_hint: str = ""
     """What to do when the file is absent (shown in the log line and ``models list``)."""
-
-    def with_overrides(self, **changes: object) -> "ModelSpec":
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 SMOLLM2_ID = "smollm2-135m-instruct"

@@ -18,7 +18,7 @@ import numpy as np
 
 from models.bridge import Channel, Final
 from models.embed_batcher import DynamicBatcher, EmbedJob
-from models.engine_base import Batch, EngineFailure, EngineThread, InputTooLong
+from models.engine_base import Batch, EngineFailure, EngineThread, InputTooLong, QueueTimedOut
 
 _ids = itertools.count(1)
 
@@ -48,9 +48,11 @@ class EmbedEngine(EngineThread):
         max_batch_tokens: int,
         max_waiting: int,
         max_wait_s: float = 0.0,
+        queue_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name, max_waiting, max_batch_requests, clock)
+        self._queue_timeout_s = queue_timeout_s
         self._embedder = embedder
         self._batcher = DynamicBatcher(max_batch_requests, max_batch_tokens, max_wait_s)
         self._jobs: dict[int, EmbedJob] = {}
@@ -75,11 +77,15 @@ class EmbedEngine(EngineThread):
     def _accept(self, entries: list[_Pending], batch: Batch) -> None:
         limit = self._embedder.max_length
         for pending in entries:
-            token_ids = self._embedder.tokenize(pending.texts)
+            try:
+                token_ids = self._embedder.tokenize(pending.texts)
+            except Exception as exc:  # the tokenizer refused this request's text: fail it alone
+                batch.append((pending.channel, Final(None, error=EngineFailure(f"tokenizer error: {type(exc).__name__}"))))
+                continue
             too_long = next((i for i, ids in enumerate(token_ids) if len(ids) > limit), None)
             if too_long is not None:
                 n = len(token_ids[too_long])
-                error = InputTooLong(f"input[{too_long}] has {n} tokens; this model accepts at most {limit}", too_long)
+                error = InputTooLong(f"input[{too_long}] has {n} tokens; this model accepts at most {limit}")
                 batch.append((pending.channel, Final(None, prompt_tokens=n, error=error)))
                 continue
             job = EmbedJob(token_ids, arrival=pending.arrival, handle=pending.channel)
@@ -99,7 +105,9 @@ class EmbedEngine(EngineThread):
         return self._batcher.num_queued
 
     def _step(self, batch: Batch) -> float | None:
-        items, wait = self._batcher.next_batch(self._clock())
+        now = self._clock()
+        self._expire(now, batch)
+        items, wait = self._batcher.next_batch(now)
         if not items:
             return wait
         self._in_flight = items
@@ -116,6 +124,15 @@ class EmbedEngine(EngineThread):
             if job.remaining == 0:
                 self._finish(job, batch)
         return None
+
+    def _expire(self, now: float, batch: Batch) -> None:
+        """Jobs that waited longer than the queue timeout without any input embedded yet."""
+        limit = self._queue_timeout_s
+        for job_id, job in list(self._jobs.items()):
+            if job.remaining == len(job.token_ids) and now - job.arrival > limit:
+                job.cancelled = True
+                del self._jobs[job_id]
+                batch.append((job.handle, Final(None, error=QueueTimedOut(f"waited more than {limit:g} s"))))
 
     def _finish(self, job: EmbedJob, batch: Batch) -> None:
         channel: Channel = job.handle

@@ -57,10 +57,6 @@ class EngineFailure(Exception):
 class InputTooLong(Exception):
     """An input is longer than the model accepts (raised to the handler through ``Final.error``)."""
 
-    def __init__(self, message: str, index: int | None = None) -> None:
-        super().__init__(message)
-        self.index = index
-
 
 class EngineThread:
     def __init__(self, name: str, max_waiting: int, slots: int, clock: Callable[[], float] = time.monotonic) -> None:
@@ -119,6 +115,9 @@ class EngineThread:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+            if self._thread.is_alive():  # still inside a model call: freeing the model now would crash
+                log.error("engine %s did not stop within 30 s; leaving its model allocated", self.name)
+                return
         self._close()
 
     def _retry_after(self) -> float:
@@ -142,11 +141,11 @@ class EngineThread:
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
             batch: Batch = []
-            if inbox:
-                self._accept(inbox, batch)
-            if aborts:
-                self._cancel(aborts)
             try:
+                if inbox:
+                    self._accept(inbox, batch)
+                if aborts:
+                    self._cancel(aborts)
                 sleep = self._step(batch)
             except Exception as exc:  # a model failure must not kill the thread
                 log.exception("engine %s: step failed", self.name)

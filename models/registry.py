@@ -96,9 +96,6 @@ class ModelRegistry:
     def loading_done(self) -> bool:
         return self._done.is_set()
 
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
     def load_all(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             for entry in self._entries.values():
@@ -155,31 +152,38 @@ class ModelRegistry:
         spec, opts = entry.spec, entry.spec.options
         assert spec.path is not None
         offload = gpu_offload_supported() and self._hw.gpu.count > 0
-        if offload:  # the GPU offload decision needs the shape before the weights are placed
-            probe = LlamaModel(spec.path, vocab_only=True)
-            shape = probe.shape()
-            probe.close()
-            model = None
-        else:
-            model = LlamaModel(spec.path)
-            shape = model.shape()
-        if spec.context_length:
-            shape = type(shape)(**{**shape.__dict__, "n_ctx_train": spec.context_length})
-        tuning = tune_llm(
-            self._hw,
-            shape,
-            LlmOverrides(
-                threads=opts.threads, gpu_layers=opts.gpu_layers, slots=opts.slots, kv_tokens=opts.kv_tokens,
-                batch_tokens=opts.batch_tokens, max_waiting=opts.max_waiting,
-            ),
-            gpu_offload_supported=offload,
-        )
-        if model is None:
-            model = LlamaModel(spec.path, gpu_layers=tuning.gpu_layers)
-        runner = LlamaRunner(
-            model, num_slots=tuning.slots, kv_tokens=tuning.kv_tokens, batch_tokens=tuning.batch_tokens,
-            threads=tuning.threads, kv_unified=opts.kv_unified,
-        )
+        model = None
+        try:
+            if offload:  # the GPU offload decision needs the shape before the weights are placed
+                probe = LlamaModel(spec.path, vocab_only=True)
+                try:
+                    shape = probe.shape()
+                finally:
+                    probe.close()
+            else:
+                model = LlamaModel(spec.path)
+                shape = model.shape()
+            if spec.context_length:
+                shape = type(shape)(**{**shape.__dict__, "n_ctx_train": spec.context_length})
+            tuning = tune_llm(
+                self._hw,
+                shape,
+                LlmOverrides(
+                    threads=opts.threads, gpu_layers=opts.gpu_layers, slots=opts.slots, kv_tokens=opts.kv_tokens,
+                    batch_tokens=opts.batch_tokens, max_waiting=opts.max_waiting,
+                ),
+                gpu_offload_supported=offload,
+            )
+            if model is None:
+                model = LlamaModel(spec.path, gpu_layers=tuning.gpu_layers)
+            runner = LlamaRunner(
+                model, num_slots=tuning.slots, kv_tokens=tuning.kv_tokens, batch_tokens=tuning.batch_tokens,
+                threads=tuning.threads, kv_unified=opts.kv_unified,
+            )
+        except BaseException:
+            if model is not None:
+                model.close()
+            raise
         config = SchedulerConfig(
             num_slots=tuning.slots,
             max_batch_tokens=tuning.batch_tokens,
@@ -196,6 +200,7 @@ class ModelRegistry:
             "threads": tuning.threads, "gpu_layers": tuning.gpu_layers, "slots": tuning.slots,
             "kv_tokens": runner.kv_capacity, "kv_unified": opts.kv_unified, "batch_tokens": tuning.batch_tokens,
             "max_waiting": tuning.max_waiting, "queue_timeout_s": opts.queue_timeout_s,
+            "estimated_mib": tuning.estimated_bytes // (1024 * 1024),
         }
 
     def _load_onnx(self, entry: ModelEntry, loop: asyncio.AbstractEventLoop) -> None:
@@ -212,7 +217,7 @@ class ModelRegistry:
         embedder = OnnxEmbedder(spec.path, spec.tokenizer_path, tuning.threads, max_length)
         engine = EmbedEngine(
             spec.id, embedder, tuning.max_batch_requests, tuning.max_batch_tokens, tuning.max_waiting,
-            max_wait_s=opts.batch_wait_ms / 1000.0,
+            max_wait_s=opts.batch_wait_ms / 1000.0, queue_timeout_s=opts.queue_timeout_s,
         )
         engine.start(loop)
         entry.engine = engine
@@ -220,6 +225,6 @@ class ModelRegistry:
         entry.settings = {
             "threads": tuning.threads, "max_batch_requests": tuning.max_batch_requests,
             "max_batch_tokens": tuning.max_batch_tokens, "max_waiting": tuning.max_waiting,
-            "batch_wait_ms": opts.batch_wait_ms, "dimensions": embedder.dimensions,
+            "batch_wait_ms": opts.batch_wait_ms, "queue_timeout_s": opts.queue_timeout_s, "dimensions": embedder.dimensions,
         }
 

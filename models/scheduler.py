@@ -24,7 +24,8 @@ Policy (vLLM v1's shape, llama.cpp server's slots):
   slot, then to the least recently used one. (Slots cannot share cells: with one KV stream per
   slot, a cross-slot copy would move the whole stream.)
 - KV accounting. ``kv_per_slot=True``: every slot owns ``kv_capacity // num_slots`` cells and a
-  sequence may never exceed that (the engine caps requests at submit), so nothing is preempted.
+  sequence may never exceed that (``add`` refuses it; ``server.local`` turns that limit into the
+  model's context length for clients), so nothing is preempted.
   ``kv_per_slot=False`` (one shared pool): when the pool is short, cached prefixes of idle slots
   are dropped first (least recently used first), then the most recently admitted running
   sequence is preempted: its cells are freed and it goes back to the front of the waiting queue

@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
 
 
 class SequenceStatus(enum.IntEnum):
@@ -79,8 +78,6 @@ class Sequence:
     num_cached: int = 0
     """Prompt tokens reused from the prefix cache at first admission (reported to the client)."""
     was_admitted: bool = False
-    handle: Any = None
-    """Engine-side attachment (the per-request result channel); opaque to the scheduler."""
 
     @property
     def num_tokens(self) -> int:

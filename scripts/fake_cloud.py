@@ -23,7 +23,8 @@ fields as JSON):
 | ``malformed`` | streams send ``after`` chunks, then a line that is not valid SSE/JSON  |
 
 The model ``invalid-for-cloud`` gets a 400; ``echo-auth`` gets a 400 whose message quotes the
-Authorization header it received (as real providers quote a wrong key).
+Authorization header it received (as real providers quote a wrong key); ``odd-usage`` gets an
+answer whose ``usage`` is a string.
 
 Every request received is recorded (method, path, headers, JSON body) in ``FakeCloud.requests``.
 """
@@ -204,6 +205,11 @@ class FakeCloud:
             await _send_json(writer, 200, {"object": "list", "data": data})
             return True
         if method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+            if isinstance(body, dict) and body.get("model") == "odd-usage":
+                # a provider whose "usage" is not the object OpenAI documents
+                await _send_json(writer, 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "odd-usage", "usage": "n/a",
+                                               "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
+                return True
             if isinstance(body, dict) and body.get("model") == "echo-auth":
                 # like a real provider quoting the key it was given in an error message
                 seen = self.requests[-1].headers.get("authorization", "")

@@ -55,6 +55,7 @@ class Connection:
         self.host, self.port = host, port
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._got_status = False
 
     async def _open(self) -> None:
         self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
@@ -92,17 +93,20 @@ class Connection:
             head += f"{k}: {v}\r\n"
         started = time.perf_counter()
         self._writer.write(head.encode() + b"\r\n" + body)
+        self._got_status = False
         try:
             return await self._read_reply(started)
         except (asyncio.IncompleteReadError, ConnectionError):
             await self.close()
-            return Reply(0, {}, started=started, ended=time.perf_counter())
+            # status 0: nothing came back (safe to resend); -1: the answer broke off midway
+            return Reply(-1 if self._got_status else 0, {}, started=started, ended=time.perf_counter())
 
     async def _read_reply(self, started: float) -> Reply:
         reader = self._reader
         assert reader is not None
         status_line = await reader.readuntil(b"\r\n")
         status = int(status_line.split()[1])
+        self._got_status = True
         headers: dict[str, str] = {}
         while True:
             line = await reader.readuntil(b"\r\n")

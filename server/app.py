@@ -26,10 +26,9 @@ from starlette.routing import Route
 
 from hardware.detect import HardwareInfo
 from models.registry import ModelRegistry, ModelState
-from server import openai_format as fmt
 from server.auth import check_key
 from server.config import Config
-from server.errors import ApiError, InvalidRequest, ModelNotFound
+from server.errors import ApiError, InvalidRequest, ModelNotFound, RequestTooLarge
 from server.journal import Journal
 from server.local import LocalModels
 from server.prober import Prober
@@ -48,10 +47,10 @@ def error_response(exc: ApiError) -> JSONResponse:
 async def read_json(request: Request) -> tuple[bytes, Any]:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+        raise RequestTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+        raise RequestTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
     try:
         return raw, json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -83,6 +82,7 @@ class FastPaths:
         try:
             response = await self.dispatch(endpoint, request)
         except ApiError as exc:
+            exc.extra_headers.setdefault("X-Understudy-Route", "none")  # refused before any backend was chosen
             response = error_response(exc)
         except Exception as exc:
             log.error("unhandled %s on POST %s", type(exc).__name__, scope["path"], exc_info=exc)
@@ -220,7 +220,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
         authorize(request)
         raw, body = await read_json(request)
         if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
+            raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         return await router.handle(endpoint, request, raw, body)
 
     fast = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}

@@ -5,7 +5,8 @@
     understudy hardware [--json]
     understudy events [--config FILE] [--limit N] [--kind route|breaker] [--json]
 
-Exit status: 0 on success, 2 for a configuration or usage error (the message names the key).
+Exit status: 0 on success, 2 for a configuration or usage error (the message names the key),
+1 when ``events`` finds no journal yet.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from server.config import Config, ConfigError, load_config, with_overrides
 
-MIB = 1024 * 1024
+from hardware.tuning import MIB
 
 
 def _setup_logging(level: str) -> None:
@@ -28,6 +29,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs a line per request at INFO (every probe, every /v1/models); keep it for debug.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
 def _load(args: argparse.Namespace) -> Config:

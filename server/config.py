@@ -34,7 +34,6 @@ class ServerConfig:
     embedded_models: bool = True
     api_keys: tuple[str, ...] = ()
     log_level: str = "info"
-    log_content: bool = False
     state_dir: Path = Path(".understudy")
 
 
@@ -118,7 +117,7 @@ def _path(raw: str, base: Path) -> Path:
 
 def _server(table: dict[str, Any], base: Path, env: dict[str, str]) -> ServerConfig:
     where = "server"
-    _no_unknown(table, {"host", "port", "embedded_models", "api_key_env", "log_level", "log_content", "state_dir"}, where)
+    _no_unknown(table, {"host", "port", "embedded_models", "api_key_env", "log_level", "state_dir"}, where)
     port = _take(table, "port", int, where, 8080)
     if not 0 < port < 65536:
         raise ConfigError("server.port", f"must be between 1 and 65535, got {port}")
@@ -138,7 +137,6 @@ def _server(table: dict[str, Any], base: Path, env: dict[str, str]) -> ServerCon
         embedded_models=_take(table, "embedded_models", bool, where, True),
         api_keys=keys,
         log_level=level,
-        log_content=_take(table, "log_content", bool, where, False),
         state_dir=_path(_take(table, "state_dir", str, where, ".understudy"), base),
     )
 
@@ -149,6 +147,8 @@ _OPTION_TYPES: dict[str, type] = {
     "batch_wait_ms": float,
 }
 _MODEL_KEYS = {"kind", "format", "path", "sha256", "context_length", "tokenizer", "tokenizer_sha256"} | set(_OPTION_TYPES)
+_CHAT_ONLY = {"gpu_layers", "slots", "kv_tokens", "kv_unified", "batch_tokens"}
+_EMBEDDING_ONLY = {"max_batch_requests", "max_batch_tokens", "batch_wait_ms", "tokenizer", "tokenizer_sha256"}
 
 
 def _options(table: dict[str, Any], where: str, base: EngineOptions) -> EngineOptions:
@@ -192,6 +192,10 @@ def _model(model_id: str, table: dict[str, Any], base: Path, embedded: dict[str,
         raise ConfigError(f"{where}.format", f"must be 'gguf' or 'onnx', got {fmt_raw!r}") from None
     if (kind is ModelKind.CHAT) != (fmt is ModelFormat.GGUF):
         raise ConfigError(f"{where}.format", "chat models are GGUF files, embedding models are ONNX files")
+    wrong = _EMBEDDING_ONLY if kind is ModelKind.CHAT else _CHAT_ONLY
+    for key in table:
+        if key in wrong:
+            raise ConfigError(f"{where}.{key}", f"does not apply to {kind.value} models")
     tokenizer_raw = _take(table, "tokenizer", str, where)
     tokenizer = _path(tokenizer_raw, base) if tokenizer_raw else (inherited.tokenizer_path if inherited else None)
     tokenizer_sha = _take(table, "tokenizer_sha256", str, where, inherited.tokenizer_sha256 if inherited else None)
@@ -264,6 +268,8 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
     if fallback not in ("local", "none"):
         raise ConfigError(f"{where}.fallback", f"must be 'local' or 'none', got {fallback!r}")
     local_model = _take(table, "local_model", str, where)
+    if fallback != "local" and local_model is not None:
+        raise ConfigError(f"{where}.local_model", "is only used with fallback = 'local'")
     if fallback == "local":
         if local_model is None:
             raise ConfigError(f"{where}.local_model", "required when fallback = 'local'")
@@ -312,8 +318,8 @@ def parse_config(data: dict[str, Any], base: Path, env: dict[str, str] | None = 
     claimed: dict[str, str] = {}
     for i, table in enumerate(_tables(data, "workloads")):
         wl = _workload(i, table, upstreams, specs)
-        for name in (wl.name, *wl.models):
-            if name in claimed and not (name == wl.name and claimed[name] == wl.name):
+        for name in dict.fromkeys((wl.name, *wl.models)):
+            if name in claimed:
                 raise ConfigError(f"workloads[{i}]", f"{name!r} already belongs to workload {claimed[name]!r}")
             if name in specs:
                 raise ConfigError(f"workloads[{i}]", f"{name!r} is a local model id; a workload needs its own names")

@@ -6,6 +6,7 @@ Exception tree (every class carries its HTTP status, OpenAI ``type`` and ``code`
     ├── InvalidRequest            400  invalid_request_error
     │   ├── UnsupportedParameter  400  code=unsupported_parameter, param=<name>
     │   └── ContextLengthExceeded 400  code=context_length_exceeded
+    ├── RequestTooLarge           413  code=request_too_large
     ├── Unauthorized              401  authentication_error / invalid_api_key
     ├── ModelNotFound             404  code=model_not_found
     ├── Overloaded                429  code=rate_limit_exceeded (queue full), with Retry-After
@@ -19,7 +20,6 @@ Routing decisions use ``server.upstream`` errors (transport vs status), not thes
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 
@@ -48,9 +48,6 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def body_bytes(self) -> bytes:
-        return json.dumps(self.body()).encode()
-
     def headers(self) -> dict[str, str]:
         out = dict(self.extra_headers)
         if self.retry_after is not None:
@@ -73,6 +70,12 @@ class UnsupportedParameter(InvalidRequest):
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
+
+
+class RequestTooLarge(ApiError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
 
 
 class Unauthorized(ApiError):

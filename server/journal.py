@@ -1,7 +1,7 @@
 """The routing journal: every routing decision and breaker transition, in SQLite (WAL).
 
 What is stored: time, kind (``route`` or ``breaker``), request id, endpoint, workload, upstream,
-route (``cloud``/``local``/``error``), model, reason, HTTP status, latency, token counts, and
+route (``cloud``/``local``, or ``none`` when nobody answered), model, reason, HTTP status, latency, token counts, and
 for a breaker transition its old and new state and why. **Never** prompt or completion text:
 the table has no column for it.
 
@@ -15,6 +15,7 @@ with a separate connection while the server runs.
 
 from __future__ import annotations
 
+import logging
 import queue
 import sqlite3
 import threading
@@ -45,6 +46,7 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 COLUMNS = ("ts", "kind", "request_id", "endpoint", "workload", "upstream", "route", "model", "reason", "status",
            "latency_ms", "prompt_tokens", "completion_tokens", "detail")
 _INSERT = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+log = logging.getLogger("understudy.journal")
 _STOP = object()
 _BATCH_PAUSE_S = 0.02
 
@@ -73,8 +75,6 @@ class Journal:
         self.path = path
         self._conn = connect(path)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._pending = 0
-        self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._write_loop, name="journal", daemon=True)
         self._thread.start()
 
@@ -89,14 +89,7 @@ class Journal:
         self._put((time.time(), "breaker", None, None, None, upstream, None, None, f"{old}->{new}", None, None, None, None, why))
 
     def _put(self, row: tuple[Any, ...]) -> None:
-        with self._idle:
-            self._pending += 1
         self._queue.put(row)
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything recorded so far is committed (tests, shutdown)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def recent(self, limit: int = 100, kind: str | None = None) -> list[dict[str, Any]]:
         conn = connect(self.path, readonly=True)
@@ -126,11 +119,12 @@ class Journal:
                     break
                 rows.append(nxt)
             if rows:
-                self._conn.executemany(_INSERT, rows)
-                self._conn.commit()
-                with self._idle:
-                    self._pending -= len(rows)
-                    self._idle.notify_all()
+                try:
+                    self._conn.executemany(_INSERT, rows)
+                    self._conn.commit()
+                except sqlite3.Error as exc:  # disk full, locked...: say so, keep serving, keep trying
+                    log.error("journal: %d rows could not be written to %s: %s", len(rows), self.path, exc)
+                    self._conn.rollback()
             if stop:
                 return
             time.sleep(_BATCH_PAUSE_S)  # let rows accumulate: one commit per batch, not per request

@@ -1,15 +1,17 @@
 """Serving a request with a local model: validation against the model, submission, results.
 
-Called on the event-loop thread by the HTTP handlers (``server.api``) and by the router when a
-workload falls back to its local model (``server.routing``). Never blocks: tokenizing and the
-chat template run inline (microseconds to a few milliseconds), everything else is awaited.
+Called on the event-loop thread by the router (``server.routing``), for local model ids and for
+workloads served by their local model. Never blocks on the model: the chat template and the
+tokenizer run inline for ordinary prompts (the router sends very large ones to a worker thread),
+everything else is awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,12 +57,12 @@ class Generation:
     include_usage: bool
 
 
-def engine_error(exc: BaseException | None, retry_after: float = 1.0) -> ApiError:
+def engine_error(exc: BaseException | None) -> ApiError:
     """Map an engine-side failure (``Final.error``) to what the client sees."""
     if isinstance(exc, QueueTimedOut):
-        return QueueTimeout(f"The request waited too long for a free slot ({exc}). Retry later.", retry_after=retry_after)
+        return QueueTimeout(f"The request waited too long for a free slot ({exc}). Retry later.", retry_after=1.0)
     if isinstance(exc, EngineStopped):
-        return ModelUnavailable("The model is shutting down.", retry_after=retry_after)
+        return ModelUnavailable("The model is shutting down.", retry_after=5.0)
     if isinstance(exc, InputTooLong):
         return ContextLengthExceeded(str(exc), param="input")
     if isinstance(exc, EngineFailure):
@@ -125,7 +127,12 @@ class LocalModels:
     # -- chat and completions ----------------------------------------------------------------------
     def prepare_chat(self, req: ChatCompletionRequest, model_id: str, system_prompt: str | None = None) -> Generation:
         entry = self.resolve(model_id, ModelKind.CHAT)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        messages: list[dict[str, Any]] = []
+        for m in req.messages:
+            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.name is not None:
+                message["name"] = m.name
+            messages.append(message)
         if system_prompt:
             messages.insert(0, {"role": "system", "content": system_prompt})
         try:
@@ -168,15 +175,8 @@ class LocalModels:
         return Generation(entry, tokens, limit if limit is not None else context - n, sampling, req.stop_list(), chat, include_usage)
 
     def submit(self, gen: Generation) -> Channel:
-        engine = gen.entry.engine
-        try:
-            return engine.submit(gen.prompt_tokens, gen.max_tokens, gen.sampling, gen.stop)
-        except EngineOverloaded as exc:
-            raise Overloaded(
-                f"The local model '{gen.entry.id}' is at capacity ({exc}). Retry after the indicated delay.",
-                retry_after=exc.retry_after) from None
-        except EngineStopped:
-            raise ModelUnavailable(f"The model '{gen.entry.id}' is shutting down.", retry_after=5.0) from None
+        with _admission(gen.entry):
+            return gen.entry.engine.submit(gen.prompt_tokens, gen.max_tokens, gen.sampling, gen.stop)
 
     async def complete(self, gen: Generation, channel: Channel, rid: str, receive: Receive | None) -> dict[str, Any]:
         parts: list[str] = []
@@ -258,19 +258,26 @@ class LocalModels:
         dims = entry.settings.get("dimensions")
         if req.dimensions is not None and req.dimensions != dims:
             raise InvalidRequest(f"This model produces {dims} dimensions; 'dimensions' cannot change that.", param="dimensions", code="unsupported_value")
-        texts = req.inputs()
-        try:
-            channel = entry.engine.submit(texts)
-        except EngineOverloaded as exc:
-            raise Overloaded(f"The local model '{entry.id}' is at capacity ({exc}).", retry_after=exc.retry_after) from None
-        except EngineStopped:
-            raise ModelUnavailable(f"The model '{entry.id}' is shutting down.", retry_after=5.0) from None
+        with _admission(entry):
+            channel = entry.engine.submit(req.inputs())
         while True:
             for item in await until_items(channel, receive):
                 if isinstance(item, Final):
                     if item.error is not None:
                         raise engine_error(item.error)
                     return _embedding_body(entry.id, item.payload, item.prompt_tokens, req.encoding_format)
+
+
+@contextlib.contextmanager
+def _admission(entry: ModelEntry) -> Iterator[None]:
+    """An engine's refusal at submit time, as the client sees it (429 or 503)."""
+    try:
+        yield
+    except EngineOverloaded as exc:
+        raise Overloaded(f"The local model '{entry.id}' is at capacity ({exc}). Retry after the indicated delay.",
+                         retry_after=exc.retry_after) from None
+    except EngineStopped:
+        raise ModelUnavailable(f"The model '{entry.id}' is shutting down.", retry_after=5.0) from None
 
 
 def _embedding_body(model: str, vectors: np.ndarray, tokens: int, encoding: str) -> dict[str, Any]:

@@ -37,7 +37,6 @@ class Prober:
         self._sleep = sleep
         self._last_ok = True
         self._saw_outage = False
-        self.probes = 0
 
     def interval(self) -> float:
         cfg = self.upstream.config
@@ -65,7 +64,6 @@ class Prober:
             self._saw_outage = False
         elif state is BreakerState.HALF_OPEN and (not self._saw_outage or not breaker.try_acquire()):
             return False  # a user's request will be (or is) the trial
-        self.probes += 1
         failure, retry_after = await self.upstream.probe()
         self._last_ok = failure is None
         if failure is not None:

@@ -30,6 +30,7 @@ names the parameter, rather than a silently different answer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -43,7 +44,7 @@ from server import openai_format as fmt
 from server.config import WorkloadConfig
 from server.errors import ApiError, InvalidRequest, UpstreamUnavailable
 from server.journal import Journal
-from server.local import ClientGone, LocalModels, or_disconnect
+from server.local import SSE_HEADERS, ClientGone, LocalModels, or_disconnect
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
 from server.upstream import (
     Upstream,
@@ -58,7 +59,7 @@ ROUTE = "X-Understudy-Route"
 MODEL = "X-Understudy-Model"
 REASON = "X-Understudy-Fallback-Reason"
 WORKLOAD = "X-Understudy-Workload"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_INLINE_PREPARE_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -80,8 +81,11 @@ class Exchange:
     rid: str
     endpoint: Endpoint
     started: float
-    workload: WorkloadConfig | None
+    workload: WorkloadConfig | None = None
     upstream: str | None = None
+    route: str = "none"
+    """The backend chosen (``cloud``/``local``), for the headers of an error answer too."""
+    size: int = 0
     recorded: bool = False
 
 
@@ -113,9 +117,9 @@ class Router:
 
     async def handle(self, endpoint: Endpoint, request: Request, raw: bytes, body: Any) -> Response:
         model = body.get("model") if isinstance(body, dict) else None
-        wl = self.workload_for(request.headers.get("x-workload"), model)
-        ex = Exchange(fmt.new_id(endpoint.prefix), endpoint, self._clock(), wl)
+        ex = Exchange(fmt.new_id(endpoint.prefix), endpoint, self._clock(), size=len(raw))
         try:
+            wl = ex.workload = self.workload_for(request.headers.get("x-workload"), model)
             if wl is None:
                 default = self.upstreams.default
                 if default is None or not isinstance(model, str) or self.local.registry.get(model) is not None:
@@ -130,10 +134,11 @@ class Router:
             return Response(status_code=499)
         except ApiError as exc:
             if not ex.recorded:
-                self._record(ex, "none", None, exc.code or exc.type, exc.status)
+                self._record(ex, ex.route, None, exc.code or exc.type, exc.status)
             exc.extra_headers.setdefault("X-Request-Id", ex.rid)
-            if wl is not None:
-                exc.extra_headers.setdefault(WORKLOAD, wl.name)
+            exc.extra_headers.setdefault(ROUTE, ex.route)
+            if ex.workload is not None:
+                exc.extra_headers.setdefault(WORKLOAD, ex.workload.name)
             raise
 
     # -- cloud -----------------------------------------------------------------------------------
@@ -154,8 +159,8 @@ class Router:
         except UpstreamError as exc:
             breaker.on_failure(exc.reason)
             return await self._fallback(ex, request, body, upstream, exc.reason)
-        except (ClientGone, asyncio.CancelledError):
-            breaker.on_abandon()
+        except BaseException:
+            breaker.on_abandon()  # client gone, or a bug: never leave a half-open trial taken
             raise
 
     def _cloud_payload(self, ex: Exchange, raw: bytes, body: Any) -> tuple[bytes, str | None]:
@@ -175,6 +180,7 @@ class Router:
         return headers
 
     async def _cloud(self, ex: Exchange, request: Request, raw: bytes, body: Any, upstream: Upstream) -> Response:
+        ex.route = "cloud"
         content, model = self._cloud_payload(ex, raw, body)
         stream = isinstance(body, dict) and body.get("stream") is True
         if not stream:
@@ -223,6 +229,7 @@ class Router:
 
     # -- failover --------------------------------------------------------------------------------
     async def _fallback(self, ex: Exchange, request: Request, body: Any, upstream: Upstream, reason: str) -> Response:
+        ex.route = "none"
         wl = ex.workload
         if wl is not None and wl.covered:
             return await self._local(ex, request, body, wl.local_model, reason)
@@ -235,29 +242,36 @@ class Router:
 
     # -- local -----------------------------------------------------------------------------------
     async def _local(self, ex: Exchange, request: Request, body: Any, model_id: Any, reason: str | None) -> Response:
+        ex.route = "local"
         endpoint = ex.endpoint
         if isinstance(body, dict) and isinstance(model_id, str) and body.get("model") != model_id:
             body = {**body, "model": model_id}
+        wl = ex.workload
         try:
             req = parse_request(endpoint.schema, body)
+            headers = self._headers(ex, "local", req.model, reason)
+            done = self._on_local_done(ex, req.model, reason)
+            if endpoint is EMBEDDINGS:
+                out = await self.local.embed(req, req.model, request.receive)
+                done(200, out["usage"]["prompt_tokens"], None)
+                return JSONResponse(out, headers=headers)
+            system = wl.system_prompt if wl is not None else None
+            if endpoint is CHAT:
+                prepare = functools.partial(self.local.prepare_chat, req, req.model, system)
+            else:
+                prepare = functools.partial(self.local.prepare_completion, req, req.model)
+            # Template and tokenizer run inline for ordinary requests (well under a millisecond);
+            # a very large prompt goes to a worker thread so that it cannot stall the event loop.
+            gen = prepare() if ex.size < _INLINE_PREPARE_BYTES else await asyncio.to_thread(prepare)
         except InvalidRequest as exc:
             if reason is None:
                 raise
+            # Valid for the cloud, not for the local stand-in (a parameter it does not implement,
+            # a prompt longer than its context...): the cloud is what is missing, so a 503.
+            ex.route = "none"
             raise UpstreamUnavailable(
                 f"The cloud is unavailable ({reason}) and the local fallback cannot serve this request: {exc.message}",
                 retry_after=max(1.0, self._retry_hint(ex)), headers={ROUTE: "none", REASON: reason}) from None
-        headers = self._headers(ex, "local", req.model, reason)
-        done = self._on_local_done(ex, req.model, reason)
-        wl = ex.workload
-        if endpoint is EMBEDDINGS:
-            out = await self.local.embed(req, req.model, request.receive)
-            usage = out["usage"]
-            done(200, usage["prompt_tokens"], None)
-            return JSONResponse(out, headers=headers)
-        if endpoint is CHAT:
-            gen = self.local.prepare_chat(req, req.model, wl.system_prompt if wl is not None else None)
-        else:
-            gen = self.local.prepare_completion(req, req.model)
         return await self.local.respond(gen, ex.rid, req.stream, request.receive, headers, done)
 
     def _retry_hint(self, ex: Exchange) -> float:

@@ -15,11 +15,23 @@ request's content back:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from server.errors import InvalidRequest, UnsupportedParameter
+
+
+def _encodable(text: str) -> str:
+    """JSON can carry unpaired UTF-16 surrogates (``"\\ud800"``); no tokenizer can take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text contains an unpaired surrogate (not valid Unicode)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 def _none(v: Any) -> bool:
@@ -64,7 +76,7 @@ _COMPLETION_UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "n": (_one, "Only n=1 is supported."),
     "best_of": (_one, "Only best_of=1 is supported."),
     "echo": (_false, "echo is not supported."),
-    "logprobs": (lambda v: v is None or v is False, "Log probabilities are not returned."),
+    "logprobs": (_false, "Log probabilities are not returned."),
     "suffix": (_none, "suffix (insertion) is not supported."),
     "logit_bias": (_empty, "logit_bias is not supported."),
 }
@@ -83,7 +95,7 @@ class StreamOptions(_Strict):
 
 class ContentPart(_Strict):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
     @field_validator("type")
     @classmethod
@@ -95,8 +107,9 @@ class ContentPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: Text | list[ContentPart]
+    name: Text | None = None
+    """Given to the model's chat template as ``name`` (a template may use it or not)."""
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -115,7 +128,7 @@ class _Sampling(_Strict):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -144,7 +157,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(default=16, ge=1)
 
     @field_validator("prompt")
@@ -163,7 +176,7 @@ class CompletionRequest(_Sampling):
 
 class EmbeddingRequest(_Strict):
     model: str = Field(min_length=1)
-    input: str | list[str]
+    input: Text | list[Text]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
 
@@ -230,9 +243,10 @@ def parse_request(model: type[_Strict], body: Any) -> Any:
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
         # A str | list union reports one error per branch; the most specific one is the last.
-        # Missing and unknown parameters are the clearest to report, so they win.
+        # Missing and unknown parameters are the clearest to report, then our own validators'
+        # findings (a branch whose type matched but whose value did not).
         first = errors[-1] if errors else {}
-        for kind in ("missing", "extra_forbidden"):
+        for kind in ("missing", "extra_forbidden", "value_error"):
             first = next((e for e in errors if e.get("type") == kind), first)
             if first.get("type") == kind:
                 break

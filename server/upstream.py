@@ -168,7 +168,7 @@ def _check_event(s: UpstreamStream, raw: bytes) -> None:
                 payload = json.loads(data)
             except ValueError:
                 raise UpstreamServerError("the upstream sent an SSE event that is not JSON") from None
-            if isinstance(payload, dict) and payload.get("usage"):
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
                 s.usage = payload["usage"]
             continue
         if not line.startswith((b"event:", b"id:", b"retry:")):
@@ -263,6 +263,7 @@ class Upstream:
         except ValueError:
             raise UpstreamServerError(f"{self.name} answered with a body that is not JSON") from None
         usage = parsed.get("usage") if isinstance(parsed, dict) else None
+        usage = usage if isinstance(usage, dict) else None
         return UpstreamReply(response.status_code, self.scrub(body), self._pass_headers(response.headers), usage)
 
     async def open_stream(self, path: str, content: bytes) -> UpstreamStream:

@@ -123,6 +123,20 @@ def test_missing_required_fields_are_400(server: ServerProc) -> None:
     error_of(post(server, "/v1/chat/completions", {"model": CHAT_MODEL, "messages": [{"role": "wizard", "content": "x"}]}), 400)
 
 
+def test_text_that_is_not_valid_unicode_is_400_and_harms_nothing(server: ServerProc) -> None:
+    lone = b'"\\ud800 broken"'  # a JSON string with an unpaired surrogate
+    bodies = {
+        "/v1/chat/completions": b'{"model": "%s", "messages": [{"role": "user", "content": %s}]}' % (CHAT_MODEL.encode(), lone),
+        "/v1/completions": b'{"model": "%s", "prompt": %s}' % (CHAT_MODEL.encode(), lone),
+        "/v1/embeddings": b'{"model": "%s", "input": [%s]}' % (EMBED_MODEL.encode(), lone),
+    }
+    for path, raw in bodies.items():
+        err = error_of(post(server, path, raw=raw), 400)
+        assert "surrogate" in err["message"]
+    assert post(server, "/v1/embeddings", {"model": EMBED_MODEL, "input": "still fine"}).status_code == 200
+    assert post(server, "/v1/chat/completions", {"model": CHAT_MODEL, "messages": MSG, "max_tokens": 2}).status_code == 200
+
+
 def test_image_content_is_refused(server: ServerProc) -> None:
     content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     err = error_of(post(server, "/v1/chat/completions", {"model": CHAT_MODEL, "messages": [{"role": "user", "content": content}]}), 400)

@@ -30,9 +30,20 @@ def test_server_with_keys_refuses_requests_without_one(start_server) -> None:  #
             assert client.embeddings.create(model=EMBED_MODEL, input="x").data
 
 
-def test_no_patient_text_in_the_log(server: ServerProc) -> None:
+def test_no_patient_text_in_the_log_even_at_debug_level(start_server) -> None:  # type: ignore[no-untyped-def]
     marker = "Mrs Marker-Zebra-4471 has chest pain"
-    httpx.post(server.url + "/v1/chat/completions", json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": marker}], "max_tokens": 4}, timeout=60)
-    httpx.post(server.url + "/v1/chat/completions", json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": marker}], "temperature": marker}, timeout=60)
-    httpx.post(server.url + "/v1/embeddings", json={"model": EMBED_MODEL, "input": [marker, "word " * 400]}, timeout=60)
-    assert "Marker-Zebra" not in server.log()
+    with start_server('[server]\nlog_level = "debug"\n') as srv:
+        requests = [
+            ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": [{"role": "user", "content": marker}], "max_tokens": 4}),
+            ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": [{"role": "user", "content": marker}], "stream": True, "max_tokens": 4}),
+            ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": [{"role": "user", "content": marker}], "temperature": marker}),
+            ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": [{"role": "user", "content": marker * 2000}]}),
+            ("/v1/completions", {"model": CHAT_MODEL, "prompt": marker, "stop": [marker], "max_tokens": 4}),
+            ("/v1/embeddings", {"model": EMBED_MODEL, "input": [marker, "word " * 400]}),
+            ("/v1/embeddings", {"model": marker, "input": marker}),
+        ]
+        statuses = [httpx.post(srv.url + path, json=body, timeout=60).status_code for path, body in requests]
+        assert statuses == [200, 200, 400, 400, 200, 400, 404]
+        log = srv.log()
+        assert "POST /v1/chat/completions" in log  # the debug access log is on...
+        assert "Marker-Zebra" not in log  # ... and carries no patient text

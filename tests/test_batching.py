@@ -29,9 +29,6 @@ def test_prefix_cache_hit_is_reported_in_usage(server: ServerProc) -> None:
     # a different question that shares the long system prompt reuses at least that prefix
     other = chat(server.url, "And a normal breathing rate?").json()["usage"]
     assert 40 <= other["prompt_tokens_details"]["cached_tokens"] < other["prompt_tokens"] - 5
-    # ... and the answer is the same with or without the cache (greedy)
-    assert chat(server.url, "What is a normal resting heart rate?", 12).json()["choices"][0]["message"]["content"] == \
-        chat(server.url, "What is a normal resting heart rate?", 12).json()["choices"][0]["message"]["content"]
 
 
 def _hold_slot(url: str, stop: threading.Event, started: threading.Event) -> None:

@@ -58,6 +58,8 @@ def test_api_keys_come_from_the_named_environment_variable() -> None:
     ({"models": {"m": {"kind": "embedding", "path": "/x.onnx", "sha256": "a" * 64}}}, "models.m.tokenizer"),
     ({"models": {"m": {"kind": "chat", "path": "/x.gguf", "sha256": "a" * 64, "slots": 0}}}, "models.m.slots"),
     ({"models": {SMOLLM2_ID: {"slots": "many"}}}, f"models.{SMOLLM2_ID}.slots"),
+    ({"models": {SMOLLM2_ID: {"max_batch_requests": 8}}}, f"models.{SMOLLM2_ID}.max_batch_requests"),
+    ({"models": {MINILM_ID: {"slots": 4}}}, f"models.{MINILM_ID}.slots"),
     ({"server": {"embedded_models": False}}, "models"),
     ({"workload": {}}, "(top level).workload"),
 ])
@@ -101,6 +103,8 @@ def test_the_shipped_example_config_parses(tmp_path: Path) -> None:
     ({"workloads": [{"name": "w"}]}, "workloads[0].fallback"),
     ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "models": ["m"]}, {"name": "v", "models": ["m"]}]}, "workloads[1]"),
     ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": SMOLLM2_ID}]}, "workloads[0]"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w"}, {"name": "w"}]}, "workloads[1]"),
+    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "local_model": SMOLLM2_ID}]}, "workloads[0].local_model"),
 ])
 def test_invalid_failover_config_names_the_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -142,3 +142,41 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving() -> None
     failed, ok = asyncio.run(go())
     assert isinstance(failed.error, EngineFailure)
     assert ok.error is None and ok.finish_reason == "stop"
+
+
+class SlowEmbedder:
+    max_length = 16
+    dimensions = 2
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [[1, 2, 3] for _ in texts]
+
+    def embed(self, batch: list[list[int]]):  # type: ignore[no-untyped-def]
+        import time
+
+        import numpy as np
+
+        time.sleep(0.3)
+        return np.ones((len(batch), 2), dtype=np.float32)
+
+
+def test_embedding_request_waiting_past_the_queue_timeout_fails_with_queue_timeout() -> None:
+    from models.embed_engine import EmbedEngine
+    from models.engine_base import QueueTimedOut
+
+    async def go() -> tuple[Final, Final]:
+        eng = EmbedEngine("fake-embed", SlowEmbedder(), max_batch_requests=1, max_batch_tokens=64, max_waiting=8, queue_timeout_s=0.1)
+        eng.start(asyncio.get_running_loop())
+        try:
+            first = eng.submit(["a"])
+            await asyncio.sleep(0.05)
+            second = eng.submit(["b"])
+            _, a = await collect(first)
+            _, b = await collect(second)
+            return a, b
+        finally:
+            await asyncio.to_thread(eng.stop)
+
+    a, b = asyncio.run(go())
+    assert a.error is None and a.payload.shape == (1, 2)
+    assert isinstance(b.error, QueueTimedOut)
