@@ -8,7 +8,7 @@ import pytest
 
 from server.auth import check_key
 from server.errors import Unauthorized
-from tests.conftest import CHAT_MODEL, EMBED_MODEL, ServerProc
+from tests.conftest import CHAT_MODEL, EMBED_MODEL
 
 
 def test_check_key_accepts_any_configured_key_and_refuses_others() -> None:

@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 
-from tests.conftest import CHAT_MODEL, ServerProc
+from tests.conftest import CHAT_MODEL
 
 PROMPTS = [
     "Write a short poem about the sea.",
