@@ -119,6 +119,7 @@ class Server:
     model: str
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    ready_s: float = 0.0
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -175,7 +176,7 @@ threads = {threads}
 """)
     proc, log = _spawn("understudy", [sys.executable, "-m", "server", "serve", "--config", str(config), "--port", str(port)], tmp)
     server = Server("understudy", f"http://127.0.0.1:{port}", CHAT_MODEL, proc, log)
-    server.ready_s = _wait_ready(server, "/ready")  # type: ignore[attr-defined]
+    server.ready_s = _wait_ready(server, "/ready")
     return server
 
 
@@ -186,7 +187,7 @@ def start_llama_cpp_python(tmp: Path, gguf: Path, ctx: int, threads: int) -> Ser
         "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--interrupt_requests", "False",
     ], tmp)
     server = Server("llama-cpp-python server", f"http://127.0.0.1:{port}", CHAT_MODEL, proc, log)
-    server.ready_s = _wait_ready(server, "/v1/models")  # type: ignore[attr-defined]
+    server.ready_s = _wait_ready(server, "/v1/models")
     return server
 
 
@@ -200,7 +201,7 @@ def start_llama_server(tmp: Path, gguf: Path, slots: int, ctx_per_slot: int, thr
         "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads), "--alias", CHAT_MODEL, "--no-webui",
     ], tmp)
     server = Server("llama-server (C++)", f"http://127.0.0.1:{port}", CHAT_MODEL, proc, log)
-    server.ready_s = _wait_ready(server, "/health")  # type: ignore[attr-defined]
+    server.ready_s = _wait_ready(server, "/health")
     return server
 
 
@@ -407,7 +408,7 @@ def main() -> int:
     if args.embeddings or args.burst:
         server = start_understudy(tmp, args.slots, args.ctx_per_slot, args.threads)
         try:
-            print(f"Understudy ready in {server.ready_s:.2f} s, RSS {server.rss_mb():.0f} MB")  # type: ignore[attr-defined]
+            print(f"Understudy ready in {server.ready_s:.2f} s, RSS {server.rss_mb():.0f} MB")
             if args.embeddings:
                 embeddings_bench(server, args.duration, args.threads)
             if args.burst:
@@ -429,7 +430,7 @@ def main() -> int:
             else:
                 servers[which] = start_llama_server(tmp, gguf, args.slots, args.ctx_per_slot, args.threads)
             s = servers[which]
-            print(f"{s.name}: ready in {s.ready_s:.2f} s, RSS {s.rss_mb():.0f} MB", flush=True)  # type: ignore[attr-defined]
+            print(f"{s.name}: ready in {s.ready_s:.2f} s, RSS {s.rss_mb():.0f} MB", flush=True)
         # Interleaved: each level runs against every server in turn, ``--reps`` times, the order
         # reversed every other time, so that this shared machine's drifts hit them all alike.
         results: dict[str, list[dict[str, Any]]] = {k: [] for k in servers}

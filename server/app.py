@@ -28,7 +28,7 @@ from hardware.detect import HardwareInfo
 from models.registry import ModelRegistry, ModelState
 from server.auth import check_key
 from server.config import Config
-from server.errors import ApiError, InvalidRequest, ModelNotFound, RequestTooLarge
+from server.errors import ApiError, InternalError, InvalidRequest, ModelNotFound, RequestTooLarge
 from server.journal import Journal
 from server.local import LocalModels
 from server.prober import Prober
@@ -42,6 +42,12 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 
 def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+def crash_response(exc: Exception, method: str, path: str) -> JSONResponse:
+    """A bug: logged with its traceback (never the request's content), a plain 500 for the client."""
+    log.error("unhandled %s on %s %s", type(exc).__name__, method, path, exc_info=exc)
+    return error_response(InternalError("Internal server error."))
 
 
 async def read_json(request: Request) -> tuple[bytes, Any]:
@@ -85,9 +91,7 @@ class FastPaths:
             exc.extra_headers.setdefault("X-Understudy-Route", "none")  # refused before any backend was chosen
             response = error_response(exc)
         except Exception as exc:
-            log.error("unhandled %s on POST %s", type(exc).__name__, scope["path"], exc_info=exc)
-            response = JSONResponse({"error": {"message": "Internal server error.", "type": "server_error", "param": None,
-                                               "code": "internal_error"}}, status_code=500)
+            response = crash_response(exc, "POST", scope["path"])
         await response(scope, receive, send)
 
 
@@ -147,8 +151,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"error": {"message": "Internal server error.", "type": "server_error", "param": None, "code": "internal_error"}}, status_code=500)
+        return crash_response(exc, request.method, request.url.path)
 
     def authorize(request: Request) -> None:
         check_key(request.headers.get("authorization"), config.server.api_keys)

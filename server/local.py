@@ -188,8 +188,7 @@ class LocalModels:
                     if item.error is not None:
                         raise engine_error(item.error)
                     use = fmt.usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
-                    build = fmt.chat_response if gen.chat else fmt.completion_response
-                    return build(rid, gen.entry.id, "".join(parts), item.finish_reason or "stop", use)
+                    return fmt.completion_body(gen.chat, rid, gen.entry.id, "".join(parts), item.finish_reason or "stop", use)
 
     async def first_items(self, channel: Channel, receive: Receive | None) -> list[Any]:
         """Wait for the first output so that a queue timeout can still be an HTTP status."""

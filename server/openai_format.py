@@ -25,30 +25,19 @@ def usage(prompt: int, completion: int, cached: int | None = None) -> dict[str, 
     return out
 
 
-def chat_response(rid: str, model: str, text: str, finish: str, use: dict[str, Any]) -> dict[str, Any]:
+def completion_body(chat: bool, rid: str, model: str, text: str, finish: str, use: dict[str, Any]) -> dict[str, Any]:
+    """A non-streamed answer: ``chat.completion`` (chat) or ``text_completion``."""
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}}
+    else:
+        choice = {"index": 0, "text": text}
+    choice.update(logprobs=None, finish_reason=finish)
     return {
         "id": rid,
-        "object": "chat.completion",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
-            "finish_reason": finish,
-        }],
-        "usage": use,
-        "system_fingerprint": None,
-    }
-
-
-def completion_response(rid: str, model: str, text: str, finish: str, use: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [choice],
         "usage": use,
         "system_fingerprint": None,
     }

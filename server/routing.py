@@ -115,8 +115,8 @@ class Router:
             return wl
         return self._by_model.get(model) if isinstance(model, str) else None
 
-    async def handle(self, endpoint: Endpoint, request: Request, raw: bytes, body: Any) -> Response:
-        model = body.get("model") if isinstance(body, dict) else None
+    async def handle(self, endpoint: Endpoint, request: Request, raw: bytes, body: dict[str, Any]) -> Response:
+        model = body.get("model")
         ex = Exchange(fmt.new_id(endpoint.prefix), endpoint, self._clock(), size=len(raw))
         try:
             wl = ex.workload = self.workload_for(request.headers.get("x-workload"), model)
@@ -142,7 +142,7 @@ class Router:
             raise
 
     # -- cloud -----------------------------------------------------------------------------------
-    async def _via_upstream(self, ex: Exchange, request: Request, raw: bytes, body: Any, upstream: Upstream) -> Response:
+    async def _via_upstream(self, ex: Exchange, request: Request, raw: bytes, body: dict[str, Any], upstream: Upstream) -> Response:
         ex.upstream = upstream.name
         breaker = upstream.breaker
         if not breaker.try_acquire():
@@ -163,11 +163,12 @@ class Router:
             breaker.on_abandon()  # client gone, or a bug: never leave a half-open trial taken
             raise
 
-    def _cloud_payload(self, ex: Exchange, raw: bytes, body: Any) -> tuple[bytes, str | None]:
+    def _cloud_payload(self, ex: Exchange, raw: bytes, body: dict[str, Any]) -> tuple[bytes, str | None]:
         wl = ex.workload
-        if wl is not None and wl.cloud_model and isinstance(body, dict) and body.get("model") != wl.cloud_model:
+        if wl is not None and wl.cloud_model and body.get("model") != wl.cloud_model:
             return json.dumps({**body, "model": wl.cloud_model}).encode(), wl.cloud_model
-        return raw, body.get("model") if isinstance(body, dict) else None
+        model = body.get("model")
+        return raw, model if isinstance(model, str) else None
 
     def _headers(self, ex: Exchange, route: str, model: str | None, reason: str | None = None) -> dict[str, str]:
         headers = {ROUTE: route, "X-Request-Id": ex.rid}
@@ -179,10 +180,10 @@ class Router:
             headers[WORKLOAD] = ex.workload.name
         return headers
 
-    async def _cloud(self, ex: Exchange, request: Request, raw: bytes, body: Any, upstream: Upstream) -> Response:
+    async def _cloud(self, ex: Exchange, request: Request, raw: bytes, body: dict[str, Any], upstream: Upstream) -> Response:
         ex.route = "cloud"
         content, model = self._cloud_payload(ex, raw, body)
-        stream = isinstance(body, dict) and body.get("stream") is True
+        stream = body.get("stream") is True
         if not stream:
             reply = await or_disconnect(upstream.post(ex.endpoint.path, content), request.receive)
             upstream.breaker.on_success()
@@ -214,8 +215,8 @@ class Router:
             self._record(ex, "cloud", model, reason, 200, usage.get("prompt_tokens"), usage.get("completion_tokens"),
                          detail="stream broken" if reason else None)
 
-    def _relay_rejection(self, ex: Exchange, upstream: Upstream, exc: UpstreamRejected, body: Any) -> Response:
-        model = body.get("model") if isinstance(body, dict) else None
+    def _relay_rejection(self, ex: Exchange, upstream: Upstream, exc: UpstreamRejected, body: dict[str, Any]) -> Response:
+        model = body.get("model") if isinstance(body.get("model"), str) else None
         if exc.status in (401, 403):
             # The cloud refused Understudy's own credentials: that is our misconfiguration, and its
             # body may quote the key; the client gets a 502 that says so instead.
@@ -228,7 +229,7 @@ class Router:
         return Response(exc.body, status_code=exc.status, media_type=exc.content_type, headers=self._headers(ex, "cloud", model))
 
     # -- failover --------------------------------------------------------------------------------
-    async def _fallback(self, ex: Exchange, request: Request, body: Any, upstream: Upstream, reason: str) -> Response:
+    async def _fallback(self, ex: Exchange, request: Request, body: dict[str, Any], upstream: Upstream, reason: str) -> Response:
         ex.route = "none"
         wl = ex.workload
         if wl is not None and wl.covered:
@@ -241,10 +242,10 @@ class Router:
             retry_after=retry, headers={ROUTE: "none", REASON: reason})
 
     # -- local -----------------------------------------------------------------------------------
-    async def _local(self, ex: Exchange, request: Request, body: Any, model_id: Any, reason: str | None) -> Response:
+    async def _local(self, ex: Exchange, request: Request, body: dict[str, Any], model_id: Any, reason: str | None) -> Response:
         ex.route = "local"
         endpoint = ex.endpoint
-        if isinstance(body, dict) and isinstance(model_id, str) and body.get("model") != model_id:
+        if isinstance(model_id, str) and body.get("model") != model_id:
             body = {**body, "model": model_id}
         wl = ex.workload
         try:

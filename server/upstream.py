@@ -102,24 +102,26 @@ class UpstreamReply:
     usage: dict[str, Any] | None = None
 
 
-@dataclass
 class UpstreamStream:
-    """An open SSE stream whose first event has arrived. ``events()`` yields the rest."""
+    """An open SSE stream from an upstream. ``open_stream`` reads its first event (``first``);
+    ``events()`` yields the rest, each validated and ending with a blank line."""
 
-    first: bytes
-    headers: dict[str, str]
-    _response: httpx.Response
-    _chunks: AsyncIterator[bytes]
-    _buffer: bytes
-    _read_timeout: float
-    _scrub: Callable[[bytes], bytes]
-    usage: dict[str, Any] | None = None
-    done: bool = False
+    def __init__(self, response: httpx.Response, read_timeout: float, scrub: Callable[[bytes], bytes],
+                 headers: dict[str, str]) -> None:
+        self.first = b""
+        self.headers = headers
+        self.usage: dict[str, Any] | None = None
+        self.done = False
+        self._response = response
+        self._chunks = response.aiter_bytes()
+        self._buffer = b""
+        self._read_timeout = read_timeout
+        self._scrub = scrub
 
     async def events(self) -> AsyncIterator[bytes]:
-        """Complete events, each ending with a blank line; raises ``UpstreamError`` if the stream breaks."""
+        """Raises ``UpstreamError`` if the stream breaks (cut, stalled, malformed)."""
         while not self.done:
-            event = await _next_event(self, self._read_timeout)
+            event = await self.next_event(self._read_timeout)
             if event is None:
                 return
             yield event
@@ -127,52 +129,50 @@ class UpstreamStream:
     async def aclose(self) -> None:
         await self._response.aclose()
 
-
-async def _next_event(s: UpstreamStream, timeout: float) -> bytes | None:
-    """The next complete SSE event from the stream (validated), None at a clean end."""
-    while True:
-        match = _EVENT_END.search(s._buffer)
-        if match is not None:
-            raw = s._buffer[: match.start()]
-            s._buffer = s._buffer[match.end():]
-            if not raw.strip():
-                continue
-            _check_event(s, raw)
-            return s._scrub(raw) + b"\n\n"
-        try:
-            async with asyncio.timeout(timeout):
-                chunk = await anext(s._chunks)
-        except StopAsyncIteration:
-            if s._buffer.strip():
-                raise UpstreamConnectError("the upstream closed the stream in the middle of an event") from None
-            if not s.done:
-                raise UpstreamConnectError("the upstream closed the stream before [DONE]") from None
-            return None
-        except TimeoutError:
-            raise UpstreamTimeout(f"no data from the upstream for {timeout:g} s") from None
-        except (httpx.TransportError, httpx.StreamError) as exc:
-            raise UpstreamConnectError(f"the upstream stream broke: {type(exc).__name__}") from None
-        s._buffer += chunk
-
-
-def _check_event(s: UpstreamStream, raw: bytes) -> None:
-    for line in raw.splitlines():
-        if not line or line.startswith(b":"):
-            continue
-        if line.startswith(b"data:"):
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                s.done = True
-                continue
+    async def next_event(self, timeout: float) -> bytes | None:
+        """The next complete event, None at a clean end (after ``[DONE]``)."""
+        while True:
+            match = _EVENT_END.search(self._buffer)
+            if match is not None:
+                raw = self._buffer[: match.start()]
+                self._buffer = self._buffer[match.end():]
+                if not raw.strip():
+                    continue
+                self._check(raw)
+                return self._scrub(raw) + b"\n\n"
             try:
-                payload = json.loads(data)
-            except ValueError:
-                raise UpstreamServerError("the upstream sent an SSE event that is not JSON") from None
-            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
-                s.usage = payload["usage"]
-            continue
-        if not line.startswith((b"event:", b"id:", b"retry:")):
-            raise UpstreamServerError("the upstream sent a line that is not SSE")
+                async with asyncio.timeout(timeout):
+                    chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                if self._buffer.strip():
+                    raise UpstreamConnectError("the upstream closed the stream in the middle of an event") from None
+                if not self.done:
+                    raise UpstreamConnectError("the upstream closed the stream before [DONE]") from None
+                return None
+            except TimeoutError:
+                raise UpstreamTimeout(f"no data from the upstream for {timeout:g} s") from None
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                raise UpstreamConnectError(f"the upstream stream broke: {type(exc).__name__}") from None
+            self._buffer += chunk
+
+    def _check(self, raw: bytes) -> None:
+        for line in raw.splitlines():
+            if not line or line.startswith(b":"):
+                continue
+            if line.startswith(b"data:"):
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    self.done = True
+                    continue
+                try:
+                    payload = json.loads(data)
+                except ValueError:
+                    raise UpstreamServerError("the upstream sent an SSE event that is not JSON") from None
+                if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                    self.usage = payload["usage"]
+                continue
+            if not line.startswith((b"event:", b"id:", b"retry:")):
+                raise UpstreamServerError("the upstream sent a line that is not SSE")
 
 
 class Upstream:
@@ -270,11 +270,10 @@ class Upstream:
         """Send a streaming call and wait for its first complete event (within the first-byte timeout)."""
         started = time.monotonic()
         response = await self._send(path, content)
-        stream = UpstreamStream(b"", self._pass_headers(response.headers), response, response.aiter_bytes(), b"",
-                                self.config.read_timeout_s, self.scrub)
+        stream = UpstreamStream(response, self.config.read_timeout_s, self.scrub, self._pass_headers(response.headers))
         try:
             left = max(0.001, self.config.first_byte_timeout_s - (time.monotonic() - started))
-            first = await _next_event(stream, left)
+            first = await stream.next_event(left)
         except BaseException:
             await response.aclose()
             raise
