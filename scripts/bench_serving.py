@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_serving.py                  # Understudy alone, levels 1,2,4,8,16
     .venv/bin/python scripts/bench_serving.py --compare        # + llama-cpp-python's server + llama.cpp's llama-server
     .venv/bin/python scripts/bench_serving.py --embeddings     # embeddings/s vs raw onnxruntime at batch 32
+    .venv/bin/python scripts/bench_serving.py --triage         # /v1/triage classifications/s vs raw onnxruntime at batch 32
     .venv/bin/python scripts/bench_serving.py --burst 200      # 200 requests at once: answered or 429/503 + Retry-After
     .venv/bin/python scripts/bench_serving.py --url http://127.0.0.1:8080   # an already running server
 
@@ -160,24 +161,28 @@ def _spawn(name: str, args: list[str], tmp: Path, env: dict[str, str] | None = N
     return proc, log
 
 
-def start_understudy(tmp: Path, slots: int, ctx_per_slot: int, threads: int, extra: str = "") -> Server:
+def launch_understudy(tmp: Path, config_text: str = "", state_dir: Path | None = None, name: str = "understudy") -> Server:
+    """Start ``understudy serve`` with ``config_text`` (a ``[server]`` table is added) and wait for /ready."""
     port = free_port()
-    config = tmp / "understudy.toml"
-    config.write_text(f"""
-[server]
-log_level = "warning"
-state_dir = "{tmp / 'state'}"
+    config = tmp / f"{name}.toml"
+    # Trained classifier heads are cached by content hash: scripts share one cache, so only the
+    # first run on a machine trains.
+    config.write_text(f'[server]\nlog_level = "warning"\nstate_dir = "{state_dir or tmp / "state"}"\n'
+                      f'cache_dir = "{ROOT / ".cache" / "scripts"}"\n{config_text}')
+    proc, log = _spawn(name, [sys.executable, "-m", "server", "serve", "--config", str(config), "--port", str(port)], tmp)
+    server = Server(name, f"http://127.0.0.1:{port}", CHAT_MODEL, proc, log)
+    server.ready_s = _wait_ready(server, "/ready")
+    return server
 
+
+def start_understudy(tmp: Path, slots: int, ctx_per_slot: int, threads: int, extra: str = "") -> Server:
+    return launch_understudy(tmp, f"""
 [models.{CHAT_MODEL}]
 slots = {slots}
 kv_tokens = {slots * ctx_per_slot}
 threads = {threads}
 {extra}
 """)
-    proc, log = _spawn("understudy", [sys.executable, "-m", "server", "serve", "--config", str(config), "--port", str(port)], tmp)
-    server = Server("understudy", f"http://127.0.0.1:{port}", CHAT_MODEL, proc, log)
-    server.ready_s = _wait_ready(server, "/ready")
-    return server
 
 
 def start_llama_cpp_python(tmp: Path, gguf: Path, ctx: int, threads: int) -> Server:
@@ -281,7 +286,9 @@ def raw_onnx_throughput(batch: int, seconds: float, threads: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def embed_level(server: Server, concurrency: int, duration: float) -> tuple[float, int, int]:
+async def embed_level(server: Server, concurrency: int, duration: float, path: str = "/v1/embeddings",
+                      model: str = "minilm-l6-v2", latencies: list[float] | None = None) -> tuple[float, int, int]:
+    """Closed-loop single-input requests to ``path`` (embeddings or triage): (rate, ok, failed)."""
     u = urlparse(server.url)
     done = failed = 0
 
@@ -291,9 +298,11 @@ async def embed_level(server: Server, concurrency: int, duration: float) -> tupl
         i = k
         try:
             while time.perf_counter() < stop_at:
-                r = await conn.request("POST", "/v1/embeddings", {"model": "minilm-l6-v2", "input": EMBED_TEXTS[i % len(EMBED_TEXTS)]})
+                r = await conn.request("POST", path, {"model": model, "input": EMBED_TEXTS[i % len(EMBED_TEXTS)]})
                 if r.status == 200:
                     done += 1
+                    if latencies is not None:
+                        latencies.append(r.ended - r.started)
                 else:
                     failed += 1
                 i += 1
@@ -324,6 +333,33 @@ def embeddings_bench(server: Server, duration: float, threads: int) -> None:
     print(f"  {'conc':>4} {'emb/s':>8} {'x raw batch-32':>15}")
     for c, rate, _, _ in rows:
         print(f"  {c:>4} {rate:>8.1f} {rate / raw32:>14.2f}x")
+
+
+def triage_bench(server: Server, duration: float, threads: int, reps: int = 3) -> None:
+    """``/v1/triage`` (single-input) against raw onnxruntime at batch 32 on the same texts,
+    interleaved: raw, c=1, c=8, c=32, ``reps`` times, so the machine's drifts hit both alike."""
+    print("\nTriage (triage-minilm over minilm-l6-v2, single-input /v1/triage requests) against the raw engine", flush=True)
+    raw: list[float] = []
+    rows: dict[int, list[tuple[float, int, int]]] = {1: [], 8: [], 32: []}
+    lat: dict[int, list[float]] = {1: [], 8: [], 32: []}
+    before = httpx.get(server.url + "/admin/status").json()["models"]["minilm-l6-v2"]["engine"]
+    for _ in range(reps):
+        raw.append(raw_onnx_throughput(32, duration / 2, threads))
+        for c in rows:
+            rows[c].append(asyncio.run(embed_level(server, c, duration / reps, "/v1/triage", "triage-minilm", lat[c])))
+    after = httpx.get(server.url + "/admin/status").json()["models"]["minilm-l6-v2"]["engine"]
+    batches = after["batches"] - before["batches"]
+    inputs = after["batched_inputs"] - before["batched_inputs"]
+    raw32 = sum(raw) / len(raw)
+    print(f"  raw onnxruntime batch 32, same texts, {threads} threads: {raw32:.1f}/s (runs: {', '.join(f'{r:.0f}' for r in raw)})")
+    print(f"  embedding batches: {batches} for {inputs} inputs (mean {inputs / max(1, batches):.1f}, max {after['max_batch']})")
+    print(f"  {'conc':>4} {'triage/s':>9} {'x raw batch-32':>15} {'p50 ms':>7} {'p95 ms':>7} {'failed':>6}")
+    for c, runs in rows.items():
+        done = sum(r[1] for r in runs)
+        rate = sum(r[0] for r in runs) / len(runs)
+        failed = sum(r[2] for r in runs)
+        print(f"  {c:>4} {rate:>9.1f} {rate / raw32:>14.2f}x {pct(lat[c], 50) * 1000:>7.1f} {pct(lat[c], 95) * 1000:>7.1f} {failed:>6}"
+              + ("" if done else "  (no request completed)"))
 
 
 # -- burst ---------------------------------------------------------------------------------------
@@ -381,6 +417,7 @@ def main() -> int:
     parser.add_argument("--ctx-per-slot", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 2)
     parser.add_argument("--embeddings", action="store_true", help="embeddings mode")
+    parser.add_argument("--triage", action="store_true", help="/v1/triage at 1/8/32 clients against raw onnxruntime batch 32")
     parser.add_argument("--burst", type=int, default=0, help="send this many requests at once (e.g. 200)")
     parser.add_argument("--only", default="", help="with --compare: comma list of understudy,llama-cpp-python,llama-server")
     args = parser.parse_args()
@@ -398,6 +435,8 @@ def main() -> int:
         server = Server("server", args.url.rstrip("/"), CHAT_MODEL)
         if args.embeddings:
             embeddings_bench(server, args.duration, args.threads)
+        elif args.triage:
+            triage_bench(server, args.duration, args.threads)
         elif args.burst:
             asyncio.run(burst(server, args.burst, args.max_tokens))
         else:
@@ -405,12 +444,14 @@ def main() -> int:
             print_levels(server.url, rows)
         return 0
 
-    if args.embeddings or args.burst:
+    if args.embeddings or args.burst or args.triage:
         server = start_understudy(tmp, args.slots, args.ctx_per_slot, args.threads)
         try:
             print(f"Understudy ready in {server.ready_s:.2f} s, RSS {server.rss_mb():.0f} MB")
             if args.embeddings:
                 embeddings_bench(server, args.duration, args.threads)
+            if args.triage:
+                triage_bench(server, args.duration, args.threads)
             if args.burst:
                 asyncio.run(burst(server, args.burst, args.max_tokens))
         finally:

@@ -18,12 +18,17 @@ What it does, in one run on this machine:
 4. Prints requests sent / succeeded / failed and served locally by workload; time from the
    outage to the breaker opening and to the first local answer; time from recovery to the first
    cloud answer; p50/p99 latency before, during and after; and checks the issue's targets.
+5. Triage is answered locally by the ``triage-minilm`` classifier over ``/v1/chat/completions``
+   (the cloud is asked for the same JSON through ``cloud_system_prompt``): the drill checks that
+   every local triage answer is the template's JSON with the right label, and calls
+   ``/v1/triage`` while the cloud is down.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -44,6 +49,9 @@ sys.path.insert(0, str(HERE))
 from fake_cloud import FakeCloud  # noqa: E402
 
 LOCAL_MODEL = "smollm2-135m-instruct"
+TRIAGE_MODEL = "triage-minilm"
+MESSAGE = "58-year-old with chest pain radiating to the left arm, sweating."
+EXPECTED_LABEL = "emergent"
 WORKLOADS = {"triage": True, "summaries": True, "general": False}  # name -> covered
 MODELS = {"triage": "triage", "summaries": "summaries", "general": "gpt-4o"}
 CONNECT_TIMEOUT_S = 2.0
@@ -61,6 +69,7 @@ class Result:
     retry_after: bool
     stream: bool
     ttft: float | None = None
+    text: str = ""
 
     @property
     def latency(self) -> float:
@@ -77,6 +86,7 @@ def write_config(path: Path, cloud_url: str, state: Path) -> None:
     path.write_text(f"""
 [server]
 state_dir = "{state}"
+cache_dir = "{ROOT / '.cache' / 'scripts'}"
 log_level = "warning"
 
 [[upstreams]]
@@ -89,8 +99,9 @@ connect_timeout_s = {CONNECT_TIMEOUT_S}
 name = "triage"
 cloud_model = "gpt-4o-mini"
 fallback = "local"
-local_model = "{LOCAL_MODEL}"
-system_prompt = "You are a triage assistant. Answer with the urgency level first."
+local_model = "{TRIAGE_MODEL}"
+priority = "high"
+cloud_system_prompt = "Classify the message's urgency. Answer with JSON only: {{\\"label\\": ..., \\"confidence\\": ...}}"
 
 [[workloads]]
 name = "summaries"
@@ -120,7 +131,7 @@ def ms(x: float) -> str:
 
 async def one_request(client: openai.AsyncOpenAI, workload: str, stream: bool, max_tokens: int) -> Result:
     started = time.monotonic()
-    messages = [{"role": "user", "content": "58-year-old with chest pain radiating to the left arm, sweating."}]
+    messages = [{"role": "user", "content": MESSAGE}]
     try:
         if stream:
             raw = await client.chat.completions.with_raw_response.create(
@@ -140,7 +151,7 @@ async def one_request(client: openai.AsyncOpenAI, workload: str, stream: bool, m
         ok = bool(text)
         return Result(workload, started, time.monotonic(), ok, headers.get("x-understudy-route", "?"),
                       headers.get("x-understudy-fallback-reason", ""), raw.http_response.status_code, False, stream,
-                      first - started if first else None)
+                      first - started if first else None, text)
     except openai.APIStatusError as exc:
         h = exc.response.headers
         return Result(workload, started, time.monotonic(), False, h.get("x-understudy-route", "?"),
@@ -208,7 +219,7 @@ def measure_overhead(cloud_url: str, server_url: str, samples: int) -> tuple[lis
 
 
 def report(results: list[Result], t_out: float, t_rec: float, t_end: float, states: list[tuple[float, str]],
-           direct: list[float], via: list[float], idle_ttft: float) -> bool:
+           direct: list[float], via: list[float], idle_ttft: float, triage_api: dict[str, object]) -> bool:
     print("\n== Pass-through overhead (cloud healthy, non-streaming, official openai client, sequential)")
     d50, v50 = statistics.median(direct), statistics.median(via)
     print(f"   direct to fake cloud: p50 {ms(d50)}  p99 {ms(pct(direct, 99))}   ({len(direct)} requests)")
@@ -261,6 +272,20 @@ def report(results: list[Result], t_out: float, t_rec: float, t_end: float, stat
             lat = [r.latency for r in results if a <= r.started < b and r.ok and WORKLOADS[r.workload] is pick]
             print(f"   {name:<8} {label:<10} {len(lat):>5} {ms(pct(lat, 50)):>10} {ms(pct(lat, 99)):>10}")
 
+    triage_local = [r for r in results if r.workload == "triage" and r.ok and r.route == "local"]
+
+    def label_of(text: str) -> str | None:
+        try:
+            return json.loads(text).get("label")
+        except (ValueError, AttributeError):
+            return None
+
+    labels = [label_of(r.text) for r in triage_local]
+    print("\n== Triage answered locally (triage-minilm, chat completions)")
+    print(f"   {len(triage_local)} local answers ({sum(r.stream for r in triage_local)} streamed); "
+          f"labels: { {lab: labels.count(lab) for lab in set(labels)} }")
+    print(f"   /v1/triage during the outage: {triage_api}")
+
     uncovered_failed = [r for r in results if not WORKLOADS[r.workload] and not r.ok]
     first_ttft = first_stream.ttft if first_stream is not None and first_stream.ttft is not None else float("inf")
     checks = [
@@ -274,6 +299,9 @@ def report(results: list[Result], t_out: float, t_rec: float, t_end: float, stat
         (f"uncovered failures never hang past the connect timeout (max {ms(max((r.latency for r in uncovered_failed), default=0))})",
          all(r.latency < CONNECT_TIMEOUT_S for r in uncovered_failed)),
         ("traffic failed back to the cloud after recovery", bool(cloud_after)),
+        (f"triage during the outage: every local answer is the template's JSON, labelled {EXPECTED_LABEL}",
+         bool(triage_local) and all(lab == EXPECTED_LABEL for lab in labels)),
+        ("/v1/triage answered during the outage", triage_api.get("label") == EXPECTED_LABEL),
     ]
     print("\n== Targets")
     for label, ok in checks:
@@ -281,8 +309,18 @@ def report(results: list[Result], t_out: float, t_rec: float, t_end: float, stat
     return all(ok for _, ok in checks)
 
 
+async def triage_during_outage(url: str) -> dict[str, object]:
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.post(url + "/v1/triage", json={"input": MESSAGE})
+        if r.status_code != 200:
+            return {"status": r.status_code}
+        d = r.json()["data"][0]
+        return {"status": 200, "label": d["label"], "confidence": d["confidence"], "red_flags": d["red_flags"],
+                "route": r.headers.get("x-understudy-route")}
+
+
 async def load(url: str, t_out_offset: float, duration: float, clients: int, max_tokens: int, pause: float,
-               cloud: FakeCloud, outage: float) -> tuple[list[Result], float, float, float, list[tuple[float, str]]]:
+               cloud: FakeCloud, outage: float) -> tuple[list[Result], float, float, float, list[tuple[float, str]], dict[str, object]]:
     results: list[Result] = []
     states: list[tuple[float, str]] = []
     start = time.monotonic()
@@ -294,12 +332,14 @@ async def load(url: str, t_out_offset: float, duration: float, clients: int, max
     t_out = time.monotonic()
     await asyncio.to_thread(cloud.set_fault, "refuse")
     print(f"   t={t_out - start:5.1f} s  cloud down (connections refused)", flush=True)
-    await asyncio.sleep(outage)
+    await asyncio.sleep(outage / 2)
+    triage_api = await triage_during_outage(url)
+    await asyncio.sleep(outage / 2)
     t_rec = time.monotonic()
     await asyncio.to_thread(cloud.set_fault, "ok")
     print(f"   t={t_rec - start:5.1f} s  cloud back", flush=True)
     await asyncio.gather(*tasks)
-    return results, t_out, t_rec, time.monotonic(), states
+    return results, t_out, t_rec, time.monotonic(), states, triage_api
 
 
 def main() -> int:
@@ -340,9 +380,9 @@ def main() -> int:
         idle_ttft = asyncio.run(local_ttft_idle(url, args.max_tokens))
         total = args.healthy + args.outage + args.recovery
         print(f"Load: {args.clients} clients x {len(WORKLOADS)} workloads for {total:g} s, max_tokens {args.max_tokens}", flush=True)
-        results, t_out, t_rec, t_end, states = asyncio.run(
+        results, t_out, t_rec, t_end, states, triage_api = asyncio.run(
             load(url, args.healthy, total, args.clients, args.max_tokens, args.pause, cloud, args.outage))
-        ok = report(results, t_out, t_rec, t_end, states, direct, via, idle_ttft)
+        ok = report(results, t_out, t_rec, t_end, states, direct, via, idle_ttft, triage_api)
         return 0 if ok else 1
     finally:
         server.send_signal(signal.SIGINT)

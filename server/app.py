@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hardware.detect import HardwareInfo
+from models.client import LocalClient
 from models.registry import ModelRegistry, ModelState
 from server.auth import check_key
 from server.config import Config
@@ -32,7 +33,7 @@ from server.errors import ApiError, InternalError, InvalidRequest, ModelNotFound
 from server.journal import Journal
 from server.local import LocalModels
 from server.prober import Prober
-from server.routing import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, Router
+from server.routing import CHAT, COMPLETIONS, EMBEDDINGS, TRIAGE, Endpoint, Router
 from server.upstream import Upstream, UpstreamError, UpstreamSet
 
 log = logging.getLogger("understudy.http")
@@ -66,7 +67,7 @@ async def read_json(request: Request) -> tuple[bytes, Any]:
 
 
 class FastPaths:
-    """ASGI front door: ``POST`` to the three generation endpoints goes straight to the router.
+    """ASGI front door: ``POST`` to the generation endpoints goes straight to the router.
 
     FastAPI's middleware stack and per-route machinery cost about 0.3 ms a request, which is most
     of a pass-through's budget (the drill's target is 2 ms added); these endpoints parse their own
@@ -97,8 +98,8 @@ class FastPaths:
 
 def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) -> FastAPI:
     """``transport`` replaces the upstreams' network (an ``httpx.MockTransport`` in unit tests)."""
-    registry = ModelRegistry(list(config.models), hardware)
-    local = LocalModels(registry)
+    registry = ModelRegistry(list(config.models), hardware, cache_dir=config.server.classifier_cache)
+    local = LocalModels(LocalClient(registry))
     journal = Journal(config.server.state_dir / "journal.sqlite3")
     upstreams = UpstreamSet()
     for up in config.upstreams:
@@ -226,7 +227,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         return await router.handle(endpoint, request, raw, body)
 
-    fast = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}
+    fast = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS, "/v1/triage": TRIAGE}
     for path, endpoint in fast.items():  # so that other methods get 405, as for any route
         async def handler(request: Request, endpoint: Endpoint = endpoint) -> Response:
             return await dispatch(endpoint, request)

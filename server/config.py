@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from models.catalog import EngineOptions, ModelFormat, ModelKind, ModelSpec, default_catalog
+from models.catalog import TRIAGE_ID, EngineOptions, ModelFormat, ModelKind, ModelSpec, default_catalog
+from models.priority import WORKLOAD_PRIORITIES
 from server.breaker import BreakerConfig
 
 
@@ -35,6 +36,13 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     log_level: str = "info"
     state_dir: Path = Path(".understudy")
+    cache_dir: Path | None = None
+    """Trained classifier heads (keyed by the hashes of what produced them, so safe to share
+    between servers); default ``<state_dir>/cache``."""
+
+    @property
+    def classifier_cache(self) -> Path:
+        return (self.cache_dir or self.state_dir / "cache") / "classifiers"
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,9 @@ class UpstreamConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
+DEFAULT_OUTPUT_TEMPLATE = '{"label": "{label}", "confidence": {confidence}}'
+
+
 @dataclass(frozen=True)
 class WorkloadConfig:
     name: str
@@ -62,6 +73,17 @@ class WorkloadConfig:
     fallback: str = "none"
     local_model: str | None = None
     system_prompt: str | None = None
+    """Put first when the local model (an LLM) answers for this workload."""
+    cloud_system_prompt: str | None = None
+    """Put first in the messages sent to the cloud (e.g. asking for the local template's JSON)."""
+    priority: str = "normal"
+    """Class in the local engines' queues: high, normal or low (``models.priority``)."""
+    output_template: str = DEFAULT_OUTPUT_TEMPLATE
+    """How a classifier's decision becomes a chat answer's content (``server.workloads.triage``)."""
+    local_notice: str | None = None
+    """A visible line appended to free-text local answers (never to JSON-template answers)."""
+    local_only: bool = False
+    """A built-in workload: always served locally, whatever upstreams exist."""
 
     @property
     def covered(self) -> bool:
@@ -117,7 +139,7 @@ def _path(raw: str, base: Path) -> Path:
 
 def _server(table: dict[str, Any], base: Path, env: dict[str, str]) -> ServerConfig:
     where = "server"
-    _no_unknown(table, {"host", "port", "embedded_models", "api_key_env", "log_level", "state_dir"}, where)
+    _no_unknown(table, {"host", "port", "embedded_models", "api_key_env", "log_level", "state_dir", "cache_dir"}, where)
     port = _take(table, "port", int, where, 8080)
     if not 0 < port < 65536:
         raise ConfigError("server.port", f"must be between 1 and 65535, got {port}")
@@ -138,17 +160,18 @@ def _server(table: dict[str, Any], base: Path, env: dict[str, str]) -> ServerCon
         api_keys=keys,
         log_level=level,
         state_dir=_path(_take(table, "state_dir", str, where, ".understudy"), base),
+        cache_dir=_path(cache, base) if (cache := _take(table, "cache_dir", str, where)) is not None else None,
     )
 
 
 _OPTION_TYPES: dict[str, type] = {
     "threads": int, "gpu_layers": int, "slots": int, "kv_tokens": int, "kv_unified": bool, "batch_tokens": int,
     "max_waiting": int, "queue_timeout_s": float, "max_batch_requests": int, "max_batch_tokens": int,
-    "batch_wait_ms": float,
+    "batch_wait_ms": float, "batch_fill_wait_ms": float,
 }
 _MODEL_KEYS = {"kind", "format", "path", "sha256", "context_length", "tokenizer", "tokenizer_sha256"} | set(_OPTION_TYPES)
 _CHAT_ONLY = {"gpu_layers", "slots", "kv_tokens", "kv_unified", "batch_tokens"}
-_EMBEDDING_ONLY = {"max_batch_requests", "max_batch_tokens", "batch_wait_ms", "tokenizer", "tokenizer_sha256"}
+_EMBEDDING_ONLY = {"max_batch_requests", "max_batch_tokens", "batch_wait_ms", "batch_fill_wait_ms", "tokenizer", "tokenizer_sha256"}
 
 
 def _options(table: dict[str, Any], where: str, base: EngineOptions) -> EngineOptions:
@@ -160,20 +183,31 @@ def _options(table: dict[str, Any], where: str, base: EngineOptions) -> EngineOp
         if key == "gpu_layers":
             if value < -1:
                 raise ConfigError(f"{where}.{key}", "must be -1 (all), 0 (none) or a layer count")
-        elif kind is not bool and key != "batch_wait_ms":
+        elif kind is not bool and key not in ("batch_wait_ms", "batch_fill_wait_ms"):
             _positive(value, f"{where}.{key}")
-        elif key == "batch_wait_ms" and value < 0:
+        elif key in ("batch_wait_ms", "batch_fill_wait_ms") and value < 0:
             raise ConfigError(f"{where}.{key}", "must be 0 or more")
         changes[key] = value
     return replace(base, **changes)
 
 
-def _model(model_id: str, table: dict[str, Any], base: Path, embedded: dict[str, ModelSpec]) -> ModelSpec:
+def _is_classifier(table: Any, inherited: ModelSpec | None) -> bool:
+    if isinstance(table, dict) and "kind" in table:
+        return table["kind"] == ModelKind.CLASSIFIER.value
+    return inherited is not None and inherited.kind is ModelKind.CLASSIFIER
+
+
+def _model(model_id: str, table: dict[str, Any], base: Path, embedded: dict[str, ModelSpec],
+           specs: dict[str, ModelSpec]) -> ModelSpec:
     where = f"models.{model_id}"
     if not isinstance(table, dict):
         raise ConfigError(where, "must be a table ([models.<id>] with path, sha256, ...)")
-    _no_unknown(table, _MODEL_KEYS, where)
     inherited = embedded.get(model_id)
+    if _is_classifier(table, inherited):
+        from server.config_classifier import parse_classifier
+
+        return parse_classifier(model_id, table, base, inherited, specs)
+    _no_unknown(table, _MODEL_KEYS, where)
     path_raw = _take(table, "path", str, where, required=inherited is None)
     path = _path(path_raw, base) if path_raw is not None else (inherited.path if inherited else None)
     sha = _take(table, "sha256", str, where, required=inherited is None)
@@ -183,7 +217,7 @@ def _model(model_id: str, table: dict[str, Any], base: Path, embedded: dict[str,
     try:
         kind = ModelKind(kind_raw)
     except ValueError:
-        raise ConfigError(f"{where}.kind", f"must be 'chat' or 'embedding', got {kind_raw!r}") from None
+        raise ConfigError(f"{where}.kind", f"must be 'chat', 'embedding' or 'classifier', got {kind_raw!r}") from None
     default_format = inherited.format.value if inherited else ("onnx" if str(path).endswith(".onnx") else "gguf")
     fmt_raw = _take(table, "format", str, where, default_format)
     try:
@@ -256,7 +290,8 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
     where = f"workloads[{i}]"
     if not isinstance(table, dict):
         raise ConfigError(where, "must be a table ([[workloads]] with name, ...)")
-    _no_unknown(table, {"name", "models", "upstream", "cloud_model", "fallback", "local_model", "system_prompt"}, where)
+    _no_unknown(table, {"name", "models", "upstream", "cloud_model", "fallback", "local_model", "system_prompt",
+                        "cloud_system_prompt", "priority", "output_template", "local_notice"}, where)
     name = _take(table, "name", str, where, required=True)
     names = _take(table, "models", list, where, [])
     if not all(isinstance(m, str) and m for m in names):
@@ -277,10 +312,39 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
             raise ConfigError(f"{where}.local_model", f"no model {local_model!r} in the catalog ({', '.join(models)})")
     if not upstreams and fallback != "local":
         raise ConfigError(f"{where}.fallback", "with no [[upstreams]], a workload can only be served locally ('local')")
+    priority = _take(table, "priority", str, where, "normal")
+    if priority not in WORKLOAD_PRIORITIES:
+        raise ConfigError(f"{where}.priority", f"must be one of {', '.join(WORKLOAD_PRIORITIES)}, got {priority!r}")
+    classifier = local_model is not None and models[local_model].kind is ModelKind.CLASSIFIER
+    template = _take(table, "output_template", str, where)
+    notice = _take(table, "local_notice", str, where)
+    if template is not None and not classifier:
+        raise ConfigError(f"{where}.output_template", "only applies when local_model is a classifier")
+    if classifier:
+        from server.workloads.triage import check_template
+
+        template = template if template is not None else DEFAULT_OUTPUT_TEMPLATE
+        problem = check_template(template, models[local_model].classifier.labels)  # type: ignore[union-attr]
+        if problem:
+            raise ConfigError(f"{where}.output_template", problem)
+        if notice is not None and template.lstrip().startswith(("{", "[")):
+            raise ConfigError(f"{where}.local_notice", "is off for a JSON output_template (it would break the JSON)")
+    if notice is not None and not notice.strip():
+        raise ConfigError(f"{where}.local_notice", "must not be empty")
     return WorkloadConfig(
         name=name, models=tuple(names), upstream=upstream, cloud_model=_take(table, "cloud_model", str, where),
         fallback=fallback, local_model=local_model, system_prompt=_take(table, "system_prompt", str, where),
+        cloud_system_prompt=_take(table, "cloud_system_prompt", str, where), priority=priority,
+        output_template=template or DEFAULT_OUTPUT_TEMPLATE, local_notice=notice,
     )
+
+
+def builtin_workloads(specs: dict[str, ModelSpec]) -> list[WorkloadConfig]:
+    """What the embedded catalog covers with no config at all: ``triage``, served locally by the
+    ``triage-minilm`` classifier, first in the local queues. Present whenever that model is."""
+    if TRIAGE_ID not in specs:
+        return []
+    return [WorkloadConfig(name="triage", fallback="local", local_model=TRIAGE_ID, priority="high", local_only=True)]
 
 
 def _tables(data: dict[str, Any], key: str) -> list[Any]:
@@ -302,8 +366,10 @@ def parse_config(data: dict[str, Any], base: Path, env: dict[str, str] | None = 
     if not isinstance(models_table, dict):
         raise ConfigError("models", "must be a table of [models.<id>] tables")
     specs = dict(embedded)
-    for model_id, table in models_table.items():
-        specs[model_id] = _model(model_id, table, base, embedded)
+    # Classifiers last: they name an embedding model that must already be in the catalog.
+    ordered = sorted(models_table.items(), key=lambda kv: _is_classifier(kv[1], embedded.get(kv[0])))
+    for model_id, table in ordered:
+        specs[model_id] = _model(model_id, table, base, embedded, specs)
     if not specs:
         raise ConfigError("models", "no model left: embedded_models is false and no [models.<id>] is given")
     upstreams: dict[str, UpstreamConfig] = {}
@@ -325,6 +391,9 @@ def parse_config(data: dict[str, Any], base: Path, env: dict[str, str] | None = 
                 raise ConfigError(f"workloads[{i}]", f"{name!r} is a local model id; a workload needs its own names")
             claimed[name] = wl.name
         workloads.append(wl)
+    for wl in builtin_workloads(specs):
+        if wl.name not in claimed:  # a user's [[workloads]] of the same name replaces the built-in one
+            workloads.append(wl)
     return Config(server=server, models=tuple(specs.values()), upstreams=tuple(upstreams.values()), workloads=tuple(workloads))
 
 

@@ -2,7 +2,9 @@
 
 What is stored: time, kind (``route`` or ``breaker``), request id, endpoint, workload, upstream,
 route (``cloud``/``local``, or ``none`` when nobody answered), model, reason, HTTP status, latency, token counts, and
-for a breaker transition its old and new state and why. **Never** prompt or completion text:
+for a breaker transition its old and new state and why. For a local classification, ``provenance``
+holds (as JSON) the sha256 of the classifier head, of its examples file and of its red-flag list,
+and how many answers were abstentions or raised by a red flag: numbers and hashes only. **Never** prompt or completion text:
 the table has no column for it.
 
 Writes come from the event loop (``record_*``) and are queued to one writer thread, which commits
@@ -39,12 +41,13 @@ CREATE TABLE IF NOT EXISTS events (
     latency_ms REAL,
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
-    detail TEXT
+    detail TEXT,
+    provenance TEXT
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 """
 COLUMNS = ("ts", "kind", "request_id", "endpoint", "workload", "upstream", "route", "model", "reason", "status",
-           "latency_ms", "prompt_tokens", "completion_tokens", "detail")
+           "latency_ms", "prompt_tokens", "completion_tokens", "detail", "provenance")
 _INSERT = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 log = logging.getLogger("understudy.journal")
 _STOP = object()
@@ -60,6 +63,10 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+        if "provenance" not in columns:  # a journal written before provenance existed
+            conn.execute("ALTER TABLE events ADD COLUMN provenance TEXT")
+            conn.commit()
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -81,12 +88,13 @@ class Journal:
     # -- event loop ----------------------------------------------------------------------------
     def record_route(self, *, request_id: str, endpoint: str, workload: str | None, upstream: str | None, route: str,
                      model: str | None, reason: str | None, status: int, latency_ms: float,
-                     prompt_tokens: int | None = None, completion_tokens: int | None = None, detail: str | None = None) -> None:
+                     prompt_tokens: int | None = None, completion_tokens: int | None = None, detail: str | None = None,
+                     provenance: str | None = None) -> None:
         self._put((time.time(), "route", request_id, endpoint, workload, upstream, route, model, reason, status,
-                   round(latency_ms, 2), prompt_tokens, completion_tokens, detail))
+                   round(latency_ms, 2), prompt_tokens, completion_tokens, detail, provenance))
 
     def record_breaker(self, upstream: str, old: str, new: str, why: str) -> None:
-        self._put((time.time(), "breaker", None, None, None, upstream, None, None, f"{old}->{new}", None, None, None, None, why))
+        self._put((time.time(), "breaker", None, None, None, upstream, None, None, f"{old}->{new}", None, None, None, None, why, None))
 
     def _put(self, row: tuple[Any, ...]) -> None:
         self._queue.put(row)

@@ -1,9 +1,15 @@
-"""Serving a request with a local model: validation against the model, submission, results.
+"""Serving a request with a local model over HTTP: validation, rendering, disconnects.
 
 Called on the event-loop thread by the router (``server.routing``), for local model ids and for
-workloads served by their local model. Never blocks on the model: the chat template and the
+workloads served by their local model. Model work goes through ``models.client.LocalClient``
+(no HTTP there); this module maps its errors to OpenAI's, renders OpenAI bodies and streams, and
+cancels a request whose client disconnects. Never blocks on the model: the chat template and the
 tokenizer run inline for ordinary prompts (the router sends very large ones to a worker thread),
 everything else is awaited.
+
+Every local answer says so in its body too (clinical front-ends often drop headers): a top-level
+``"understudy": {"route": "local", "model", "reason"}`` in a JSON body, and in the last chunk of a
+stream (``LocalAnswer.marker``). A workload's ``local_notice`` is appended to free text.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from models.bridge import Channel, Delta, Final
 from models.catalog import ModelKind
+from models.client import LocalClient, ModelLookupError, ModelNotReady, UnknownModel, WrongKind
 from models.engine_base import EngineFailure, EngineOverloaded, EngineStopped, InputTooLong, QueueTimedOut
-from models.registry import ModelEntry, ModelRegistry, ModelState
+from models.priority import Priority
+from models.registry import ModelEntry
 from models.sequence import SamplingParams
 from server import openai_format as fmt
 from server.errors import (
@@ -57,6 +65,20 @@ class Generation:
     include_usage: bool
 
 
+@dataclass(frozen=True)
+class LocalAnswer:
+    """How a local answer is labelled and queued: who answered and why, the queue class, and
+    the visible line a workload appends to free text (None: nothing appended)."""
+
+    model: str
+    reason: str | None = None
+    priority: int = Priority.NORMAL
+    notice: str | None = None
+
+    def marker(self) -> dict[str, Any]:
+        return {"route": "local", "model": self.model, "reason": self.reason}
+
+
 def engine_error(exc: BaseException | None) -> ApiError:
     """Map an engine-side failure (``Final.error``) to what the client sees."""
     if isinstance(exc, QueueTimedOut):
@@ -67,7 +89,23 @@ def engine_error(exc: BaseException | None) -> ApiError:
         return ContextLengthExceeded(str(exc), param="input")
     if isinstance(exc, EngineFailure):
         return InternalError("The local model failed while generating. The request was not completed.")
+    if isinstance(exc, EngineOverloaded):
+        return Overloaded(f"The local model is at capacity ({exc}). Retry after the indicated delay.", retry_after=exc.retry_after)
     return InternalError("Internal error.")
+
+
+def lookup_error(exc: ModelLookupError) -> ApiError:
+    """Map ``LocalClient.lookup``'s refusal to what the client sees."""
+    if isinstance(exc, UnknownModel):
+        return ModelNotFound(exc.model_id)
+    if isinstance(exc, WrongKind):
+        use = {ModelKind.EMBEDDING: "/v1/embeddings", ModelKind.CHAT: "/v1/chat/completions or /v1/completions",
+               ModelKind.CLASSIFIER: "/v1/triage (or a workload over /v1/chat/completions)"}[exc.kind]
+        return InvalidRequest(f"The model '{exc.model_id}' is a {exc.kind.value} model; use {use}.", param="model",
+                              code="model_not_supported")
+    assert isinstance(exc, ModelNotReady)
+    message = str(exc)
+    return ModelUnavailable(message[:1].upper() + message[1:], retry_after=None if exc.final else 5.0)
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -108,21 +146,15 @@ async def until_items(channel: Channel, receive: Receive | None) -> list[Any]:
 
 
 class LocalModels:
-    def __init__(self, registry: ModelRegistry) -> None:
-        self.registry = registry
+    def __init__(self, client: LocalClient) -> None:
+        self.client = client
+        self.registry = client.registry
 
     def resolve(self, model_id: str, kind: ModelKind) -> ModelEntry:
-        entry = self.registry.get(model_id)
-        if entry is None:
-            raise ModelNotFound(model_id)
-        if entry.spec.kind is not kind:
-            other = "/v1/embeddings" if entry.spec.kind is ModelKind.EMBEDDING else "/v1/chat/completions or /v1/completions"
-            raise InvalidRequest(f"The model '{model_id}' is a {entry.spec.kind.value} model; use {other}.", param="model", code="model_not_supported")
-        if entry.state is not ModelState.READY:
-            why = entry.reason or f"it is {entry.state.value}"
-            retry = 5.0 if not entry.state.is_final else None
-            raise ModelUnavailable(f"The model '{model_id}' is not available: {why}", retry_after=retry)
-        return entry
+        try:
+            return self.client.lookup(model_id, kind)
+        except ModelLookupError as exc:
+            raise lookup_error(exc) from None
 
     # -- chat and completions ----------------------------------------------------------------------
     def prepare_chat(self, req: ChatCompletionRequest, model_id: str, system_prompt: str | None = None) -> Generation:
@@ -174,11 +206,12 @@ class LocalModels:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Generation(entry, tokens, limit if limit is not None else context - n, sampling, req.stop_list(), chat, include_usage)
 
-    def submit(self, gen: Generation) -> Channel:
+    def submit(self, gen: Generation, priority: int = Priority.NORMAL) -> Channel:
         with _admission(gen.entry):
-            return gen.entry.engine.submit(gen.prompt_tokens, gen.max_tokens, gen.sampling, gen.stop)
+            return self.client.submit(gen.entry, gen.prompt_tokens, gen.max_tokens, gen.sampling, gen.stop, priority)
 
-    async def complete(self, gen: Generation, channel: Channel, rid: str, receive: Receive | None) -> dict[str, Any]:
+    async def complete(self, gen: Generation, channel: Channel, rid: str, receive: Receive | None,
+                       answer: LocalAnswer) -> dict[str, Any]:
         parts: list[str] = []
         while True:
             for item in await until_items(channel, receive):
@@ -187,8 +220,12 @@ class LocalModels:
                 elif isinstance(item, Final):
                     if item.error is not None:
                         raise engine_error(item.error)
+                    if answer.notice:
+                        parts.append(answer.notice)
                     use = fmt.usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
-                    return fmt.completion_body(gen.chat, rid, gen.entry.id, "".join(parts), item.finish_reason or "stop", use)
+                    body = fmt.completion_body(gen.chat, rid, gen.entry.id, "".join(parts), item.finish_reason or "stop", use)
+                    body["understudy"] = answer.marker()
+                    return body
 
     async def first_items(self, channel: Channel, receive: Receive | None) -> list[Any]:
         """Wait for the first output so that a queue timeout can still be an HTTP status."""
@@ -199,24 +236,25 @@ class LocalModels:
         return items
 
     async def respond(self, gen: Generation, rid: str, stream: bool, receive: Receive | None,
-                      headers: dict[str, str], done: Done | None = None) -> Response:
+                      headers: dict[str, str], answer: LocalAnswer, done: Done | None = None) -> Response:
         """Submit ``gen`` and answer: a JSON body, or an SSE stream once the first output exists
         (so that a queue timeout can still be an HTTP status). ``done(status, prompt, completion)``
         is called once the answer is complete (at the end of the stream when streaming)."""
-        channel = self.submit(gen)
+        channel = self.submit(gen, answer.priority)
         if not stream:
-            body = await self.complete(gen, channel, rid, receive)
+            body = await self.complete(gen, channel, rid, receive, answer)
             if done is not None:
                 use = body["usage"]
                 done(200, use["prompt_tokens"], use["completion_tokens"])
             return JSONResponse(body, headers=headers)
         first = await self.first_items(channel, receive)
-        return StreamingResponse(self.stream(gen, channel, rid, first, done), media_type="text/event-stream",
+        return StreamingResponse(self.stream(gen, channel, rid, first, answer, done), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **headers})
 
-    async def stream(self, gen: Generation, channel: Channel, rid: str, first: list[Any], done: Done | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, gen: Generation, channel: Channel, rid: str, first: list[Any], answer: LocalAnswer,
+                     done: Done | None = None) -> AsyncIterator[bytes]:
         """SSE body. Closing the generator (client gone) cancels the request."""
-        writer = fmt.ChunkWriter(rid, gen.entry.id, gen.chat, gen.include_usage)
+        writer = fmt.ChunkWriter(rid, gen.entry.id, gen.chat, gen.include_usage, answer.marker())
         final: Final | None = None
         try:
             head = writer.first()
@@ -229,6 +267,8 @@ class LocalModels:
                     out += writer.text(text)
                 final = next((i for i in items if isinstance(i, Final)), None)
                 if final is not None:
+                    if answer.notice and final.error is None:
+                        out += writer.text(answer.notice)
                     if final.error is not None:
                         err = engine_error(final.error)
                         out += fmt.sse_error(err.message, err.code or "error", err.type)
@@ -252,19 +292,34 @@ class LocalModels:
                     done(200, final.prompt_tokens, final.completion_tokens)
 
     # -- embeddings --------------------------------------------------------------------------------
-    async def embed(self, req: EmbeddingRequest, model_id: str, receive: Receive | None) -> dict[str, Any]:
+    async def embed(self, req: EmbeddingRequest, model_id: str, receive: Receive | None, answer: LocalAnswer) -> dict[str, Any]:
         entry = self.resolve(model_id, ModelKind.EMBEDDING)
         dims = entry.settings.get("dimensions")
         if req.dimensions is not None and req.dimensions != dims:
             raise InvalidRequest(f"This model produces {dims} dimensions; 'dimensions' cannot change that.", param="dimensions", code="unsupported_value")
-        with _admission(entry):
-            channel = entry.engine.submit(req.inputs())
-        while True:
-            for item in await until_items(channel, receive):
-                if isinstance(item, Final):
-                    if item.error is not None:
-                        raise engine_error(item.error)
-                    return _embedding_body(entry.id, item.payload, item.prompt_tokens, req.encoding_format)
+        result = await self.call(self.client.embed(model_id, req.inputs(), answer.priority), receive)
+        body = _embedding_body(entry.id, result.vectors, result.tokens, req.encoding_format)
+        body["understudy"] = answer.marker()
+        return body
+
+    async def call(self, awaitable: Awaitable[T], receive: Receive | None) -> T:
+        """Await a ``LocalClient`` call, cancelling it if the HTTP client disconnects, with the
+        client's errors as API errors."""
+        try:
+            with _admission_errors():
+                return await (or_disconnect(awaitable, receive) if receive is not None else awaitable)
+        except ModelLookupError as exc:
+            raise lookup_error(exc) from None
+        except (QueueTimedOut, EngineStopped, InputTooLong, EngineFailure) as exc:
+            raise engine_error(exc) from None
+
+
+@contextlib.contextmanager
+def _admission_errors() -> Iterator[None]:
+    try:
+        yield
+    except EngineOverloaded as exc:
+        raise engine_error(exc) from None
 
 
 @contextlib.contextmanager

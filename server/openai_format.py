@@ -54,9 +54,11 @@ def sse_error(message: str, code: str, kind: str = "server_error") -> bytes:
 class ChunkWriter:
     """Streaming chunks of one request (chat: ``chat.completion.chunk``; completions: ``text_completion``)."""
 
-    def __init__(self, rid: str, model: str, chat: bool, include_usage: bool) -> None:
+    def __init__(self, rid: str, model: str, chat: bool, include_usage: bool, marker: dict[str, Any] | None = None) -> None:
         self.chat = chat
         self.include_usage = include_usage
+        # The provenance marker rides on the stream's last chunk (finish, or usage when asked for).
+        self._marker = f',"understudy":{json.dumps(marker, separators=(",", ":"))}' if marker else ""
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "system_fingerprint": None}
         self._head = json.dumps(head, separators=(",", ":"))[:-1]  # without the closing brace
@@ -83,7 +85,8 @@ class ChunkWriter:
             choice = f'{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"{reason}"}}'
         else:
             choice = f'{{"index":0,"text":"","logprobs":null,"finish_reason":"{reason}"}}'
-        return f'data: {self._head},"choices":[{choice}]{self._usage_tail}}}\n\n'.encode()
+        marker = "" if self.include_usage else self._marker
+        return f'data: {self._head},"choices":[{choice}]{self._usage_tail}{marker}}}\n\n'.encode()
 
     def usage(self, use: dict[str, Any]) -> bytes:
-        return f'data: {self._head},"choices":[],"usage":{json.dumps(use, separators=(",", ":"))}}}\n\n'.encode()
+        return f'data: {self._head},"choices":[],"usage":{json.dumps(use, separators=(",", ":"))}{self._marker}}}\n\n'.encode()

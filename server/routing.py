@@ -35,17 +35,20 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from models.catalog import ModelKind
+from models.priority import Priority
 from server import openai_format as fmt
 from server.config import WorkloadConfig
 from server.errors import ApiError, InvalidRequest, UpstreamUnavailable
 from server.journal import Journal
-from server.local import SSE_HEADERS, ClientGone, LocalModels, or_disconnect
+from server.local import SSE_HEADERS, ClientGone, LocalAnswer, LocalModels, or_disconnect
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
+from server.workloads.triage import TriageRequest, TriageWorkload
 from server.upstream import (
     Upstream,
     UpstreamError,
@@ -72,6 +75,8 @@ class Endpoint:
 CHAT = Endpoint("chat", "chat/completions", ChatCompletionRequest, "chatcmpl")
 COMPLETIONS = Endpoint("completions", "completions", CompletionRequest, "cmpl")
 EMBEDDINGS = Endpoint("embeddings", "embeddings", EmbeddingRequest, "embd")
+TRIAGE = Endpoint("triage", "triage", TriageRequest, "triage")
+"""Always local: the cloud has no such endpoint."""
 
 
 @dataclass
@@ -104,6 +109,7 @@ class Router:
         self._by_model = {name: w for w in workloads for name in (w.name, *w.models)}
         self.journal = journal
         self._clock = clock
+        self.triage = TriageWorkload(local)
 
     # -- entry point -----------------------------------------------------------------------------
     def workload_for(self, header: str | None, model: Any) -> WorkloadConfig | None:
@@ -119,7 +125,11 @@ class Router:
         model = body.get("model")
         ex = Exchange(fmt.new_id(endpoint.prefix), endpoint, self._clock(), size=len(raw))
         try:
+            if endpoint is TRIAGE:
+                return await self._triage_api(ex, request, body)
             wl = ex.workload = self.workload_for(request.headers.get("x-workload"), model)
+            if wl is not None and wl.local_only:
+                return await self._local(ex, request, body, wl.local_model, None)
             if wl is None:
                 default = self.upstreams.default
                 if default is None or not isinstance(model, str) or self.local.registry.get(model) is not None:
@@ -165,9 +175,14 @@ class Router:
 
     def _cloud_payload(self, ex: Exchange, raw: bytes, body: dict[str, Any]) -> tuple[bytes, str | None]:
         wl = ex.workload
-        if wl is not None and wl.cloud_model and body.get("model") != wl.cloud_model:
-            return json.dumps({**body, "model": wl.cloud_model}).encode(), wl.cloud_model
         model = body.get("model")
+        changes: dict[str, Any] = {}
+        if wl is not None and wl.cloud_model and model != wl.cloud_model:
+            changes["model"] = model = wl.cloud_model
+        if wl is not None and wl.cloud_system_prompt and ex.endpoint is CHAT and isinstance(body.get("messages"), list):
+            changes["messages"] = [{"role": "system", "content": wl.cloud_system_prompt}, *body["messages"]]
+        if changes:  # re-encoded only when the workload changes something; otherwise the bytes pass as they came
+            return json.dumps({**body, **changes}).encode(), model
         return raw, model if isinstance(model, str) else None
 
     def _headers(self, ex: Exchange, route: str, model: str | None, reason: str | None = None) -> dict[str, str]:
@@ -248,12 +263,16 @@ class Router:
         if isinstance(model_id, str) and body.get("model") != model_id:
             body = {**body, "model": model_id}
         wl = ex.workload
+        entry = self.local.registry.get(model_id) if isinstance(model_id, str) else None
+        if entry is not None and entry.spec.kind is ModelKind.CLASSIFIER and endpoint is CHAT and wl is not None:
+            return await self._classify_chat(ex, request, body, wl, reason)
         try:
             req = parse_request(endpoint.schema, body)
             headers = self._headers(ex, "local", req.model, reason)
             done = self._on_local_done(ex, req.model, reason)
+            answer = self._answer(wl, req.model, reason)
             if endpoint is EMBEDDINGS:
-                out = await self.local.embed(req, req.model, request.receive)
+                out = await self.local.embed(req, req.model, request.receive, answer)
                 done(200, out["usage"]["prompt_tokens"], None)
                 return JSONResponse(out, headers=headers)
             system = wl.system_prompt if wl is not None else None
@@ -265,32 +284,90 @@ class Router:
             # a very large prompt goes to a worker thread so that it cannot stall the event loop.
             gen = prepare() if ex.size < _INLINE_PREPARE_BYTES else await asyncio.to_thread(prepare)
         except InvalidRequest as exc:
-            if reason is None:
-                raise
-            # Valid for the cloud, not for the local stand-in (a parameter it does not implement,
-            # a prompt longer than its context...): the cloud is what is missing, so a 503.
-            ex.route = "none"
-            raise UpstreamUnavailable(
-                f"The cloud is unavailable ({reason}) and the local fallback cannot serve this request: {exc.message}",
-                retry_after=max(1.0, self._retry_hint(ex)), headers={ROUTE: "none", REASON: reason}) from None
-        return await self.local.respond(gen, ex.rid, req.stream, request.receive, headers, done)
+            self._cannot_stand_in(ex, reason, exc)
+        return await self.local.respond(gen, ex.rid, req.stream, request.receive, headers, answer, done)
+
+    def _answer(self, wl: WorkloadConfig | None, model: str, reason: str | None, free_text: bool = True) -> LocalAnswer:
+        if wl is None:
+            return LocalAnswer(model, reason)
+        return LocalAnswer(model, reason, Priority.from_name(wl.priority), wl.local_notice if free_text else None)
+
+    # -- triage ----------------------------------------------------------------------------------
+    def _default_classifier(self, model: str | None) -> tuple[str, WorkloadConfig | None]:
+        """``/v1/triage``'s model: a classifier id, or a workload served by a classifier, or
+        (none given) the ``triage`` workload's classifier, else the first classifier."""
+        def is_classifier(model_id: str | None) -> bool:
+            entry = self.local.registry.get(model_id) if model_id else None
+            return entry is not None and entry.spec.kind is ModelKind.CLASSIFIER
+
+        if model is None:
+            wl = self.workloads.get("triage")
+            if wl is not None and is_classifier(wl.local_model):
+                return wl.local_model, wl  # type: ignore[return-value]
+            first = next((e.id for e in self.local.registry.entries if e.spec.kind is ModelKind.CLASSIFIER), None)
+            if first is None:
+                raise InvalidRequest("No classifier is configured; name one with 'model'.", param="model")
+            return first, None
+        wl = self._by_model.get(model)
+        if wl is not None:
+            if not is_classifier(wl.local_model):
+                raise InvalidRequest(f"The workload '{wl.name}' is not served by a classifier.", param="model",
+                                     code="model_not_supported")
+            return wl.local_model, wl  # type: ignore[return-value]
+        return model, None
+
+    async def _triage_api(self, ex: Exchange, request: Request, body: dict[str, Any]) -> Response:
+        ex.route = "local"
+        req = parse_request(TriageRequest, body)
+        model_id, wl = self._default_classifier(req.model)
+        ex.workload = wl
+        answer = self._answer(wl, model_id, None, free_text=False)
+        return await self.triage.api(req, model_id, request.receive, answer, self._headers(ex, "local", model_id),
+                                     self._on_local_done(ex, model_id, None))
+
+    async def _classify_chat(self, ex: Exchange, request: Request, body: dict[str, Any], wl: WorkloadConfig,
+                             reason: str | None) -> Response:
+        model_id = wl.local_model
+        assert model_id is not None
+        if body.get("response_format") == {"type": "json_object"} and wl.output_template.lstrip().startswith(("{", "[")):
+            body = {k: v for k, v in body.items() if k != "response_format"}  # the template's JSON satisfies it
+        try:
+            req = parse_request(ChatCompletionRequest, {**body, "model": model_id})
+            answer = self._answer(wl, model_id, reason, free_text=False)
+            return await self.triage.chat(req, model_id, wl.output_template, ex.rid, request.receive, answer,
+                                          self._headers(ex, "local", model_id, reason), self._on_local_done(ex, model_id, reason))
+        except InvalidRequest as exc:
+            self._cannot_stand_in(ex, reason, exc)
+
+    def _cannot_stand_in(self, ex: Exchange, reason: str | None, exc: InvalidRequest) -> NoReturn:
+        """A request the local stand-in cannot take. Served locally by choice: the client's 400.
+        After a failover it was valid for the cloud (a parameter the local engine does not
+        implement, a prompt longer than its context...): the cloud is what is missing, so a 503."""
+        if reason is None:
+            raise exc
+        ex.route = "none"
+        raise UpstreamUnavailable(
+            f"The cloud is unavailable ({reason}) and the local fallback cannot serve this request: {exc.message}",
+            retry_after=max(1.0, self._retry_hint(ex)), headers={ROUTE: "none", REASON: reason}) from None
 
     def _retry_hint(self, ex: Exchange) -> float:
         upstream = self.upstreams.get(ex.upstream) if ex.upstream else None
         return upstream.breaker.retry_after() if upstream is not None else 1.0
 
-    def _on_local_done(self, ex: Exchange, model: str, reason: str | None) -> Callable[[int, int | None, int | None], None]:
-        def done(status: int, prompt: int | None, completion: int | None) -> None:
-            self._record(ex, "local", model, reason, status, prompt, completion)
+    def _on_local_done(self, ex: Exchange, model: str, reason: str | None) -> Callable[..., None]:
+        def done(status: int, prompt: int | None, completion: int | None, provenance: str | None = None) -> None:
+            self._record(ex, "local", model, reason, status, prompt, completion, provenance=provenance)
         return done
 
     # -- journal ---------------------------------------------------------------------------------
     def _record(self, ex: Exchange, route: str, model: str | None, reason: str | None, status: int,
-                prompt: int | None = None, completion: int | None = None, detail: str | None = None) -> None:
+                prompt: int | None = None, completion: int | None = None, detail: str | None = None,
+                provenance: str | None = None) -> None:
         ex.recorded = True
         if self.journal is None:
             return
         self.journal.record_route(
             request_id=ex.rid, endpoint=ex.endpoint.name, workload=ex.workload.name if ex.workload else None,
             upstream=ex.upstream, route=route, model=model, reason=reason, status=status,
-            latency_ms=(self._clock() - ex.started) * 1000, prompt_tokens=prompt, completion_tokens=completion, detail=detail)
+            latency_ms=(self._clock() - ex.started) * 1000, prompt_tokens=prompt, completion_tokens=completion, detail=detail,
+            provenance=provenance)

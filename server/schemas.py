@@ -226,7 +226,7 @@ def _describe(error: dict[str, Any]) -> tuple[str, str, str]:
 def parse_request(model: type[_Strict], body: Any) -> Any:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    unsupported = _UNSUPPORTED[model]
+    unsupported = _UNSUPPORTED.get(model, {})
     clean: dict[str, Any] = {}
     for key, value in body.items():
         if key in _IGNORED:

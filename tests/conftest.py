@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_CACHE = ROOT / ".cache" / "test-state"
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBED_MODEL = "minilm-l6-v2"
 
@@ -73,7 +74,10 @@ def run_server(tmp: Path, config: str | None = None, want_ready: bool = True, en
     config_path = None
     text = config if config is not None else ""
     if "state_dir" not in text:
-        text = f'[server]\nstate_dir = "{tmp / "state"}"\n' + text if "[server]" not in text else text.replace("[server]", f'[server]\nstate_dir = "{tmp / "state"}"', 1)
+        # Trained classifier heads are cached by content hash, so every test server shares one
+        # cache (the first server of a clean clone trains; the others load in milliseconds).
+        settings = f'state_dir = "{tmp / "state"}"\ncache_dir = "{TEST_CACHE}"'
+        text = f'[server]\n{settings}\n' + text if "[server]" not in text else text.replace("[server]", f'[server]\n{settings}', 1)
     config_path = tmp / "understudy.toml"
     config_path.write_text(text)
     args += ["--config", str(config_path)]

@@ -167,7 +167,7 @@ def test_health_and_ready(server: ServerProc) -> None:
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     r = httpx.get(server.url + "/ready")
     assert r.status_code == 200
-    assert r.json()["models"] == {CHAT_MODEL: "ready", EMBED_MODEL: "ready"}
+    assert r.json()["models"] == {CHAT_MODEL: "ready", EMBED_MODEL: "ready", "triage-minilm": "ready"}
 
 
 def test_the_server_survived_everything_above(server: ServerProc) -> None:

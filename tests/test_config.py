@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models.catalog import MINILM_ID, SMOLLM2_ID
+from models.catalog import MINILM_ID, SMOLLM2_ID, TRIAGE_ID
 from server.config import ConfigError, load_config, parse_config, with_overrides
 from tests.conftest import ROOT
 
@@ -16,8 +16,17 @@ from tests.conftest import ROOT
 def test_no_file_means_the_embedded_default_fully_local() -> None:
     config = load_config(None, env={})
     assert config.server.host == "127.0.0.1" and config.server.port == 8080
-    assert [m.id for m in config.models] == [SMOLLM2_ID, MINILM_ID]
+    assert [m.id for m in config.models] == [SMOLLM2_ID, MINILM_ID, TRIAGE_ID]
     assert config.server.api_keys == ()
+    [triage] = config.workloads  # the built-in workload: local, first in the queues
+    assert (triage.name, triage.local_model, triage.priority, triage.local_only) == ("triage", TRIAGE_ID, "high", True)
+
+
+def test_a_users_workload_replaces_the_built_in_one_of_the_same_name() -> None:
+    config = parse_config({"workloads": [{"name": "triage", "fallback": "local", "local_model": SMOLLM2_ID}]}, Path("."), env={})
+    assert [(w.name, w.local_model, w.local_only) for w in config.workloads] == [("triage", SMOLLM2_ID, False)]
+    assert parse_config({"server": {"embedded_models": False}, "models": {"m": {
+        "kind": "chat", "path": "/x.gguf", "sha256": "a" * 64}}}, Path("."), env={}).workloads == ()
 
 
 def test_environment_variable_names_the_file(tmp_path: Path) -> None:
@@ -58,6 +67,17 @@ def test_api_keys_come_from_the_named_environment_variable() -> None:
     ({"models": {"m": {"kind": "embedding", "path": "/x.onnx", "sha256": "a" * 64}}}, "models.m.tokenizer"),
     ({"models": {"m": {"kind": "chat", "path": "/x.gguf", "sha256": "a" * 64, "slots": 0}}}, "models.m.slots"),
     ({"models": {SMOLLM2_ID: {"slots": "many"}}}, f"models.{SMOLLM2_ID}.slots"),
+    ({"models": {TRIAGE_ID: {"abstain_below": 1.5}}}, f"models.{TRIAGE_ID}.abstain_below"),
+    ({"models": {TRIAGE_ID: {"labels": ["emergent", "routine"]}}}, f"models.{TRIAGE_ID}.examples"),
+    ({"models": {TRIAGE_ID: {"red_flag_label": "purple"}}}, f"models.{TRIAGE_ID}.red_flag_label"),
+    ({"models": {"c": {"kind": "classifier", "embedding_model": SMOLLM2_ID}}}, "models.c.embedding_model"),
+    ({"workloads": [{"name": "w", "fallback": "local", "local_model": TRIAGE_ID, "priority": "urgent"}]}, "workloads[0].priority"),
+    ({"workloads": [{"name": "w", "fallback": "local", "local_model": TRIAGE_ID, "output_template": "{\"l\": {label}}"}]},
+     "workloads[0].output_template"),
+    ({"workloads": [{"name": "w", "fallback": "local", "local_model": TRIAGE_ID, "local_notice": "local!"}]},
+     "workloads[0].local_notice"),
+    ({"workloads": [{"name": "w", "fallback": "local", "local_model": SMOLLM2_ID, "output_template": "{label}"}]},
+     "workloads[0].output_template"),
     ({"models": {SMOLLM2_ID: {"max_batch_requests": 8}}}, f"models.{SMOLLM2_ID}.max_batch_requests"),
     ({"models": {MINILM_ID: {"slots": 4}}}, f"models.{MINILM_ID}.slots"),
     ({"server": {"embedded_models": False}}, "models"),

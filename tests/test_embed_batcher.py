@@ -75,3 +75,37 @@ def test_wait_window_expired_runs_what_there_is() -> None:
     b.add(job(3, arrival=1.0))
     batch, wait = b.next_batch(1.01)
     assert len(batch) == 1 and wait is None
+
+
+def test_higher_priority_items_go_first_and_arrival_order_holds_within_a_class() -> None:
+    from models.priority import Priority
+
+    b = DynamicBatcher(max_batch_requests=3, max_batch_tokens=10_000)
+    low = [EmbedJob([[1] * 4], priority=Priority.BACKGROUND) for _ in range(2)]
+    normal = EmbedJob([[1] * 4], priority=Priority.NORMAL)
+    high = [EmbedJob([[1] * 4], priority=Priority.HIGH) for _ in range(2)]
+    for j in (*low, normal, *high):
+        b.add(j)
+    batch, _ = b.next_batch(0.0)
+    assert [i.job for i in batch] == [*high, normal]
+    batch, _ = b.next_batch(0.0)
+    assert [i.job for i in batch] == low
+
+
+def test_adaptive_fill_waits_for_the_clients_the_last_batch_answered() -> None:
+    b = DynamicBatcher(max_batch_requests=32, max_batch_tokens=10_000, fill_wait_s=0.005)
+    b.add(job(3, arrival=1.0))
+    assert len(b.next_batch(1.0)[0]) == 1  # nothing ran before: no reason to wait
+    b.batch_done(8)  # that batch answered 8 clients; they will be back
+    b.add(job(3, arrival=2.0))
+    batch, wait = b.next_batch(2.001)
+    assert batch == [] and wait is not None and abs(wait - 0.004) < 1e-9
+    for _ in range(7):
+        b.add(job(3, arrival=2.002))
+    assert len(b.next_batch(2.002)[0]) == 8  # as many as came back: run at once
+    b.batch_done(1)
+    b.add(job(3, arrival=3.0))
+    assert len(b.next_batch(3.0)[0]) == 1  # light load: never waits
+    b.batch_done(8)
+    b.add(job(3, arrival=4.0))
+    assert len(b.next_batch(4.006)[0]) == 1  # the window has passed: run what there is

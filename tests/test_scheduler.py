@@ -234,3 +234,20 @@ def test_budget_is_never_exceeded_under_many_requests() -> None:
 ])
 def test_common_prefix_len(a: list[int], b: list[int], limit: int, expected: int) -> None:
     assert common_prefix_len(a, b, limit) == expected
+
+
+def test_waiting_requests_are_admitted_by_priority_class_then_arrival() -> None:
+    from models.priority import Priority
+
+    s, r = make(num_slots=1)
+    running = seq(3, max_tokens=50)
+    s.add(running)
+    step(s, r)
+    low, normal1, normal2, high = seq(3), seq(3), seq(3), seq(3)
+    low.priority, high.priority = Priority.LOW, Priority.HIGH
+    for x in (low, normal1, normal2, high):
+        s.add(x)
+    assert list(s.waiting) == [high, normal1, normal2, low]
+    s.finish(running, SequenceStatus.FINISHED_ABORTED)
+    out = step(s, r)
+    assert out.admitted == [high]  # the running request was never displaced; the free slot went to the high class
