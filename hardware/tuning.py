@@ -158,5 +158,5 @@ def tune_embedding(
         threads=threads or hw.usable_cores,
         max_batch_requests=batch,
         max_batch_tokens=max_batch_tokens or batch * max_tokens_per_input,
-        max_waiting=max_waiting if max_waiting is not None else 1024,
+        max_waiting=max_waiting if max_waiting is not None else 8192,
     )

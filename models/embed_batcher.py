@@ -5,8 +5,10 @@ a list of inputs contributes several items, which may land in different batches.
 thread calls ``add()`` for new jobs, ``next_batch(now)`` whenever the model is free, and
 ``batch_done(n)`` after each batch with the number of jobs it completed.
 
-A batch takes items from the front of the queues, highest priority class first
-(``models.priority``), in arrival order within a class, while
+A batch holds items of one priority class (``models.priority``): the highest class that has
+any, in arrival order. A triage request queued behind a summary of a 20-page note therefore
+waits for at most the batch that is running, and then runs in a batch of its own class, not in
+one filled up with the note's sentences. The batch takes items while
 - it holds fewer than ``max_batch_requests`` items, and
 - its padded cost (longest item × item count) stays within ``max_batch_tokens``;
 the item that would overflow stays at the front for the next batch (a lone item larger than the
@@ -78,6 +80,9 @@ class DynamicBatcher:
     def num_queued(self) -> int:
         return self._num_queued
 
+    def queued_by_class(self) -> list[int]:
+        return [len(q) for q in self.queues]
+
     def add(self, job: EmbedJob) -> None:
         self.queues[job.priority].extend(EmbedItem(job, i) for i in range(len(job.token_ids)))
         self._num_queued += len(job.token_ids)
@@ -107,8 +112,8 @@ class DynamicBatcher:
                 taken.append(queue)
                 batch.append(item)
                 longest = grown
-            if full:
-                break
+            if full or batch:
+                break  # one class per batch
         self._num_queued -= len(batch)
         if len(batch) == self.max_batch_requests:
             full = True

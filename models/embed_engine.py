@@ -68,7 +68,7 @@ class EmbedEngine(EngineThread):
         """Queue one request; admission counts inputs (a list of 100 texts costs 100)."""
         job_id = next(_ids)
         channel = self._channel(job_id)
-        self._enqueue(_Pending(job_id, texts, channel, self._clock(), priority), cost=len(texts))
+        self._enqueue(_Pending(job_id, texts, channel, self._clock(), priority), cost=len(texts), priority=priority)
         return channel
 
     def count_tokens(self, texts: list[str]) -> list[int]:
@@ -114,8 +114,11 @@ class EmbedEngine(EngineThread):
     def _has_work(self) -> bool:
         return self._batcher.num_queued > 0
 
-    def _waiting(self) -> int:
-        return self._batcher.num_queued
+    def _waiting(self) -> list[int]:
+        return self._batcher.queued_by_class()
+
+    def _priority(self, entry: _Pending) -> int:
+        return entry.priority
 
     def _step(self, batch: Batch) -> float | None:
         now = self._clock()

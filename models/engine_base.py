@@ -1,14 +1,17 @@
 """The thread skeleton shared by every engine (LLM and embedding): one thread owns one model.
 
 Contract:
-- Event-loop thread: ``start(loop)`` once; ``_enqueue(entry, cost)`` from a subclass's
-  ``submit()`` (raises ``EngineOverloaded`` at once when ``cost`` more would pass ``max_waiting``);
+- Event-loop thread: ``start(loop)`` once; ``_enqueue(entry, cost, priority)`` from a subclass's
+  ``submit()`` (raises ``EngineOverloaded`` at once when ``cost`` more would pass ``max_waiting``,
+  counting only what waits in the request's priority class and above: a backlog of background
+  or bulk work never shuts out a higher class);
   ``abort(request_id)`` from ``Channel.cancel()``; ``stop()`` at shutdown.
 - Engine thread: ``_run`` sleeps until there is work, hands new entries and aborts to the
   subclass (``_accept``, ``_cancel``), runs one ``_step`` and posts the step's results to the
   loop in one ``Outbox.post``. ``_step`` returns how long the thread may sleep when idle-but-not-
   empty (the embedding batcher's wait window), or None.
-- Subclasses report ``_has_work()`` and ``_waiting()`` (the queued cost, for admission).
+- Subclasses report ``_has_work()`` and ``_waiting()`` (the queued cost per priority class, for
+  admission).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from models.bridge import Channel, Final, Outbox
+from models.priority import Priority
 
 log = logging.getLogger("understudy.engine")
 
@@ -67,7 +71,7 @@ class EngineThread:
         self._cv = threading.Condition()
         self._inbox: list[Any] = []
         self._aborts: list[int] = []
-        self._num_waiting = 0
+        self._waiting_by_class = [0] * len(Priority)
         self._state = EngineState.CREATED
         self._thread: threading.Thread | None = None
         self._outbox: Outbox | None = None
@@ -90,14 +94,19 @@ class EngineThread:
         assert self._loop is not None, "engine not started"
         return Channel(self._loop, lambda: self.abort(request_id), request_id)
 
-    def _enqueue(self, entry: Any, cost: int = 1) -> None:
+    @property
+    def _num_waiting(self) -> int:
+        return sum(self._waiting_by_class)
+
+    def _enqueue(self, entry: Any, cost: int = 1, priority: int = Priority.NORMAL) -> None:
         with self._cv:
             if self._state is not EngineState.RUNNING:
                 raise EngineStopped(self.name)
-            if self._num_waiting and self._num_waiting + cost > self._max_waiting:
-                raise EngineOverloaded(self._num_waiting, self._retry_after())
+            ahead = sum(self._waiting_by_class[: priority + 1])
+            if ahead and ahead + cost > self._max_waiting:
+                raise EngineOverloaded(ahead, self._retry_after())
             self._inbox.append(entry)
-            self._num_waiting += cost
+            self._waiting_by_class[priority] += cost
             self._cv.notify()
 
     def abort(self, request_id: int) -> None:
@@ -152,7 +161,10 @@ class EngineThread:
                 self._fail(batch, exc)
                 sleep = None
             with self._cv:
-                self._num_waiting = self._waiting() + sum(self._cost(e) for e in self._inbox)
+                by_class = self._waiting()
+                for e in self._inbox:
+                    by_class[self._priority(e)] += self._cost(e)
+                self._waiting_by_class = by_class
             if self._outbox is not None:
                 self._outbox.post(batch)
         batch = [(ch, Final(None, error=EngineStopped("the server is shutting down"))) for ch in self._open_channels()]
@@ -176,11 +188,15 @@ class EngineThread:
     def _has_work(self) -> bool:
         raise NotImplementedError
 
-    def _waiting(self) -> int:
+    def _waiting(self) -> list[int]:
+        """Queued cost per priority class (a new list)."""
         raise NotImplementedError
 
     def _cost(self, entry: Any) -> int:
         return 1
+
+    def _priority(self, entry: Any) -> int:
+        raise NotImplementedError
 
     def _entry_channel(self, entry: Any) -> Channel:
         raise NotImplementedError

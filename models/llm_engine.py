@@ -66,7 +66,7 @@ class LlmEngine(EngineThread):
         seq = Sequence(prompt_tokens=prompt_tokens, max_tokens=max_tokens, sampling=sampling, stop=stop, arrival=self._clock(),
                        priority=priority)
         channel = self._channel(seq.seq_id)
-        self._enqueue(_Live(seq, channel, TextStream(stop)))
+        self._enqueue(_Live(seq, channel, TextStream(stop)), priority=priority)
         return channel
 
     def status(self) -> dict[str, Any]:
@@ -88,8 +88,11 @@ class LlmEngine(EngineThread):
     def _has_work(self) -> bool:
         return self._scheduler.has_work
 
-    def _waiting(self) -> int:
-        return self._scheduler.num_waiting
+    def _waiting(self) -> list[int]:
+        return self._scheduler.waiting_by_class()
+
+    def _priority(self, entry: _Live) -> int:
+        return entry.seq.priority
 
     def _step(self, batch: Batch) -> float | None:
         sched = self._scheduler

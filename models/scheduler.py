@@ -132,6 +132,14 @@ class Scheduler:
         """Requests never admitted yet (preempted ones already hold a place and are not counted)."""
         return sum(1 for s in self.waiting if not s.was_admitted)
 
+    def waiting_by_class(self) -> list[int]:
+        """``num_waiting`` per priority class (``models.priority``)."""
+        out = [0] * 4
+        for s in self.waiting:
+            if not s.was_admitted:
+                out[min(s.priority, 3)] += 1
+        return out
+
     @property
     def num_running(self) -> int:
         return len(self.running)

@@ -48,6 +48,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    grammar: str | None = None
+    """A GBNF grammar (root rule ``root``) the output must follow: JSON mode and JSON schemas."""
 
     @property
     def is_greedy(self) -> bool:

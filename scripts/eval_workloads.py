@@ -3,6 +3,7 @@
     .venv/bin/python scripts/eval_workloads.py                 # starts its own server (embedded default)
     .venv/bin/python scripts/eval_workloads.py --url http://127.0.0.1:8080 --model triage-minilm
     .venv/bin/python scripts/eval_workloads.py --json eval.json --markdown eval.md
+    .venv/bin/python scripts/eval_workloads.py --skip-abstractive   # summaries: extractive only (fast)
 
 Triage: every message of the classifier's examples file marked ``"split": "heldout"`` (never
 seen by training) goes through ``POST /v1/triage``. Reported, as a markdown table and as JSON:
@@ -11,6 +12,15 @@ seen by training) goes through ``POST /v1/triage``. Reported, as a markdown tabl
 - how many emergent messages were given a less urgent label (missed), and how many abstained;
 - the confusion matrix (true label by row, answer by column, abstentions in their own column);
 - the targets: macro-F1 >= 0.90, recall of the first (most urgent) label >= 0.97, abstentions <= 10 %.
+
+Summaries: every note in ``models/data/summaries/notes/`` (written for the project, up to
+about 12,900 tokens) is summarised with both methods through ``POST /v1/summarize``. Reported
+per note and method: time, sentences, the share of summary sentences supported by the source
+(extractive: verbatim, checked character by character against ``source_span``; abstractive:
+the share the support check accepted, with the dropped count), and compression (summary words /
+note words). Then the triage latency during a burst of 32 extractive summaries of the longest
+note, against triage's idle latency plus one embedding batch (target: within it).
+
 Exit status 0 when every target holds, 1 otherwise.
 """
 
@@ -32,6 +42,8 @@ sys.path.insert(0, str(HERE.parent))
 from bench_serving import launch_understudy  # noqa: E402
 
 from models.classifier import ABSTAIN_LABEL, read_examples  # noqa: E402
+
+NOTES = HERE.parent / "models" / "data" / "summaries" / "notes"
 
 TARGETS = {"macro_f1": 0.90, "first_label_recall": 0.97, "abstention_rate": 0.10}
 
@@ -116,6 +128,89 @@ def triage_markdown(m: dict[str, Any], labels: list[str], model: str) -> str:
     return "\n".join(lines)
 
 
+# -- summaries ------------------------------------------------------------------------------------
+def evaluate_summaries(url: str, abstractive: bool, max_words: int = 150) -> list[dict[str, Any]]:
+    rows = []
+    methods = ["extractive", "abstractive"] if abstractive else ["extractive"]
+    with httpx.Client(timeout=900) as client:
+        for note in sorted(NOTES.glob("*.txt"), key=lambda p: -p.stat().st_size):
+            text = note.read_text()
+            for method in methods:
+                started = time.perf_counter()
+                r = client.post(url + "/v1/summarize", json={"input": text, "method": method, "max_words": max_words})
+                seconds = time.perf_counter() - started
+                r.raise_for_status()
+                body = r.json()
+                sentences = body["sentences"]
+                if method == "extractive":
+                    supported = sum(1 for s in sentences if text[s["source_span"][0]:s["source_span"][1]] == s["text"])
+                    share = supported / len(sentences) if sentences else 0.0
+                else:
+                    written = len(sentences) + body["unsupported_dropped"]
+                    share = len(sentences) / written if written else 0.0
+                rows.append({"note": note.name, "note_words": len(text.split()), "method": method, "seconds": round(seconds, 2),
+                             "sentences": len(sentences), "dropped": body["unsupported_dropped"], "supported_share": round(share, 3),
+                             "summary_words": len(body["summary"].split()),
+                             "compression": round(len(body["summary"].split()) / len(text.split()), 4), "parts": body["parts"]})
+                print(f"  {note.name:<26} {method:<11} {seconds:6.2f} s  {len(sentences):>3} sentences  "
+                      f"supported {share * 100:5.1f} %  dropped {body['unsupported_dropped']}", flush=True)
+    return rows
+
+
+def triage_during_burst(url: str, burst: int = 32) -> dict[str, Any]:
+    """Triage latency alone, then while ``burst`` extractive summaries of the longest note run."""
+    import asyncio
+
+    note = max(NOTES.glob("*.txt"), key=lambda p: p.stat().st_size).read_text()
+    message = {"input": "my husband has crushing chest pain and is sweating"}
+
+    async def run() -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=burst + 8)) as c:
+            idle = []
+            for _ in range(20):
+                t = time.perf_counter()
+                (await c.post("/v1/triage", json=message)).raise_for_status()
+                idle.append(time.perf_counter() - t)
+            before = (await c.get("/admin/status")).json()["models"]["minilm-l6-v2"]["engine"]
+            started = time.perf_counter()
+            tasks = [asyncio.create_task(c.post("/v1/summarize", json={"input": note})) for _ in range(burst)]
+            during: list[float] = []
+            while not all(t.done() for t in tasks):
+                t = time.perf_counter()
+                (await c.post("/v1/triage", json=message)).raise_for_status()
+                during.append(time.perf_counter() - t)
+                await asyncio.sleep(0.05)
+            for t in tasks:
+                t.result().raise_for_status()
+            wall = time.perf_counter() - started
+            after = (await c.get("/admin/status")).json()["models"]["minilm-l6-v2"]["engine"]
+        batches = after["batches"] - before["batches"]
+        batch_s = wall / batches if batches else float("nan")
+        idle_p50 = sorted(idle)[len(idle) // 2]
+        return {"burst": burst, "burst_seconds": round(wall, 2), "embedding_batches": batches,
+                "one_batch_ms": round(batch_s * 1000, 1), "idle_p50_ms": round(idle_p50 * 1000, 1),
+                "during_p50_ms": round(sorted(during)[len(during) // 2] * 1000, 1), "during_max_ms": round(max(during) * 1000, 1),
+                "during_samples": len(during), "target_ms": round((idle_p50 + batch_s) * 1000, 1),
+                "within_target": sorted(during)[len(during) // 2] <= idle_p50 + batch_s}
+
+    return asyncio.run(run())
+
+
+def summaries_markdown(rows: list[dict[str, Any]], burst: dict[str, Any] | None) -> str:
+    lines = ["### Summaries (notes written for the project; `max_words` 150)", "",
+             "| note | words | method | time | sentences | supported | dropped | compression | parts |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['note']} | {r['note_words']} | {r['method']} | {r['seconds']} s | {r['sentences']} | "
+                     f"{r['supported_share'] * 100:.0f} % | {r['dropped']} | {r['compression'] * 100:.1f} % | {r['parts']} |")
+    if burst:
+        lines += ["", f"Triage during a burst of {burst['burst']} extractive summaries of the longest note "
+                  f"({burst['burst_seconds']} s, {burst['embedding_batches']} embedding batches, one batch ≈ {burst['one_batch_ms']} ms): "
+                  f"p50 {burst['during_p50_ms']} ms (max {burst['during_max_ms']} ms, {burst['during_samples']} requests) against "
+                  f"{burst['idle_p50_ms']} ms idle; target idle + one batch = {burst['target_ms']} ms: "
+                  f"{'PASS' if burst['within_target'] else 'FAIL'}"]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running Understudy (default: start one with the embedded default)")
@@ -123,6 +218,8 @@ def main() -> int:
     parser.add_argument("--examples", type=Path, help="examples file (default: the classifier's own, from /admin/status)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the markdown table here")
+    parser.add_argument("--skip-summaries", action="store_true")
+    parser.add_argument("--skip-abstractive", action="store_true", help="summaries: extractive only (abstractive takes minutes)")
     args = parser.parse_args()
 
     server = None
@@ -139,16 +236,27 @@ def main() -> int:
         labels = list(status["settings"]["labels"])
         examples = args.examples or Path(status["path"])
         metrics = evaluate_triage(url, args.model, examples, labels)
-        results = {"triage": {"model": args.model, "examples": str(examples), "labels": labels, **metrics}}
+        results: dict[str, Any] = {"triage": {"model": args.model, "examples": str(examples), "labels": labels, **metrics}}
         table = triage_markdown(metrics, labels, args.model)
         print(table)
+        ok = all(metrics["targets"].values())
+        if not args.skip_summaries:
+            print("\nSummaries:", flush=True)
+            rows = evaluate_summaries(url, not args.skip_abstractive)
+            burst = triage_during_burst(url)
+            results["summaries"] = {"notes": rows, "triage_during_burst": burst}
+            extract = [r for r in rows if r["method"] == "extractive"]
+            ok = ok and burst["within_target"] and all(r["supported_share"] == 1.0 for r in extract)
+            section = summaries_markdown(rows, burst)
+            print("\n" + section)
+            table += "\n\n" + section
         if args.markdown:
             args.markdown.write_text(table + "\n")
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
         else:
             print("\n" + json.dumps(results, indent=2))
-        return 0 if all(metrics["targets"].values()) else 1
+        return 0 if ok else 1
     finally:
         if server is not None:
             server.stop()

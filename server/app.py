@@ -33,7 +33,7 @@ from server.errors import ApiError, InternalError, InvalidRequest, ModelNotFound
 from server.journal import Journal
 from server.local import LocalModels
 from server.prober import Prober
-from server.routing import CHAT, COMPLETIONS, EMBEDDINGS, TRIAGE, Endpoint, Router
+from server.routing import CHAT, COMPLETIONS, EMBEDDINGS, SUMMARIZE, TRIAGE, Endpoint, Router
 from server.upstream import Upstream, UpstreamError, UpstreamSet
 
 log = logging.getLogger("understudy.http")
@@ -227,7 +227,8 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         return await router.handle(endpoint, request, raw, body)
 
-    fast = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS, "/v1/triage": TRIAGE}
+    fast = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS, "/v1/triage": TRIAGE,
+            "/v1/summarize": SUMMARIZE}
     for path, endpoint in fast.items():  # so that other methods get 405, as for any route
         async def handler(request: Request, endpoint: Endpoint = endpoint) -> Response:
             return await dispatch(endpoint, request)

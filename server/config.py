@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from models.catalog import TRIAGE_ID, EngineOptions, ModelFormat, ModelKind, ModelSpec, default_catalog
+from models.catalog import MINILM_ID, SMOLLM2_ID, TRIAGE_ID, EngineOptions, ModelFormat, ModelKind, ModelSpec, default_catalog
 from models.priority import WORKLOAD_PRIORITIES
 from server.breaker import BreakerConfig
 
@@ -84,6 +84,12 @@ class WorkloadConfig:
     """A visible line appended to free-text local answers (never to JSON-template answers)."""
     local_only: bool = False
     """A built-in workload: always served locally, whatever upstreams exist."""
+    summary_method: str | None = None
+    """``extractive`` or ``abstractive``: a summaries workload (``server.workloads.summaries``)."""
+    embedding_model: str | None = None
+    """Summaries: the embedding model that picks sentences and checks an LLM's (default minilm-l6-v2)."""
+    max_words: int = 150
+    """Summaries: the default length of a summary."""
 
     @property
     def covered(self) -> bool:
@@ -291,7 +297,8 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
     if not isinstance(table, dict):
         raise ConfigError(where, "must be a table ([[workloads]] with name, ...)")
     _no_unknown(table, {"name", "models", "upstream", "cloud_model", "fallback", "local_model", "system_prompt",
-                        "cloud_system_prompt", "priority", "output_template", "local_notice"}, where)
+                        "cloud_system_prompt", "priority", "output_template", "local_notice", "summary_method",
+                        "embedding_model", "max_words"}, where)
     name = _take(table, "name", str, where, required=True)
     names = _take(table, "models", list, where, [])
     if not all(isinstance(m, str) and m for m in names):
@@ -331,20 +338,55 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
             raise ConfigError(f"{where}.local_notice", "is off for a JSON output_template (it would break the JSON)")
     if notice is not None and not notice.strip():
         raise ConfigError(f"{where}.local_notice", "must not be empty")
+    method, embedding, max_words = _summaries(table, where, local_model, models, classifier)
     return WorkloadConfig(
         name=name, models=tuple(names), upstream=upstream, cloud_model=_take(table, "cloud_model", str, where),
         fallback=fallback, local_model=local_model, system_prompt=_take(table, "system_prompt", str, where),
         cloud_system_prompt=_take(table, "cloud_system_prompt", str, where), priority=priority,
         output_template=template or DEFAULT_OUTPUT_TEMPLATE, local_notice=notice,
+        summary_method=method, embedding_model=embedding, max_words=max_words,
     )
 
 
+def _summaries(table: dict[str, Any], where: str, local_model: str | None, models: dict[str, ModelSpec],
+               classifier: bool) -> tuple[str | None, str | None, int]:
+    method = _take(table, "summary_method", str, where)
+    embedding = _take(table, "embedding_model", str, where)
+    max_words = _take(table, "max_words", int, where, 150)
+    if method is None:
+        for key in ("embedding_model", "max_words"):
+            if key in table:
+                raise ConfigError(f"{where}.{key}", "only applies with summary_method")
+        return None, None, max_words
+    if method not in ("extractive", "abstractive"):
+        raise ConfigError(f"{where}.summary_method", f"must be 'extractive' or 'abstractive', got {method!r}")
+    if classifier:
+        raise ConfigError(f"{where}.summary_method", "a classifier cannot summarise; local_model must be a chat model")
+    if not 1 <= max_words <= 5000:
+        raise ConfigError(f"{where}.max_words", f"must be between 1 and 5000, got {max_words}")
+    local_kind = models[local_model].kind if local_model is not None else None
+    if local_kind is ModelKind.EMBEDDING:  # extractive only: the local model is the embedder itself
+        embedding = embedding or local_model
+    embedding = embedding or (MINILM_ID if MINILM_ID in models else None)
+    if embedding is None or embedding not in models or models[embedding].kind is not ModelKind.EMBEDDING:
+        raise ConfigError(f"{where}.embedding_model", f"no embedding model {embedding!r} in the catalog")
+    if method == "abstractive" and local_kind is not ModelKind.CHAT:
+        raise ConfigError(f"{where}.local_model", "abstractive summaries need a chat model as local_model")
+    return method, embedding, max_words
+
+
 def builtin_workloads(specs: dict[str, ModelSpec]) -> list[WorkloadConfig]:
-    """What the embedded catalog covers with no config at all: ``triage``, served locally by the
-    ``triage-minilm`` classifier, first in the local queues. Present whenever that model is."""
-    if TRIAGE_ID not in specs:
-        return []
-    return [WorkloadConfig(name="triage", fallback="local", local_model=TRIAGE_ID, priority="high", local_only=True)]
+    """What the embedded catalog covers with no config at all, each present whenever its models are:
+    ``triage``, served locally by the ``triage-minilm`` classifier, first in the local queues;
+    ``summaries``, extractive over ``minilm-l6-v2`` (abstractive on request, with SmolLM2)."""
+    out = []
+    if TRIAGE_ID in specs:
+        out.append(WorkloadConfig(name="triage", fallback="local", local_model=TRIAGE_ID, priority="high", local_only=True))
+    if MINILM_ID in specs:
+        chat = SMOLLM2_ID if SMOLLM2_ID in specs else MINILM_ID
+        out.append(WorkloadConfig(name="summaries", fallback="local", local_model=chat, local_only=True,
+                                  summary_method="extractive", embedding_model=MINILM_ID))
+    return out
 
 
 def _tables(data: dict[str, Any], key: str) -> list[Any]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,6 +30,7 @@ from models.bridge import Channel, Delta, Final
 from models.catalog import ModelKind
 from models.client import LocalClient, ModelLookupError, ModelNotReady, UnknownModel, WrongKind
 from models.engine_base import EngineFailure, EngineOverloaded, EngineStopped, InputTooLong, QueueTimedOut
+from models.jsonmode import JSON_OBJECT_GBNF, closing
 from models.priority import Priority
 from models.registry import ModelEntry
 from models.sequence import SamplingParams
@@ -172,7 +175,8 @@ class LocalModels:
         except Exception as exc:  # the template raised (e.g. raise_exception for a role order)
             raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from None
         tokens = entry.llm.tokenize(prompt)
-        return self._generation(entry, tokens, req.completion_limit(), req, chat=True, what="messages")
+        grammar = response_grammar(req, entry)
+        return self._generation(entry, tokens, req.completion_limit(), req, chat=True, what="messages", grammar=grammar)
 
     def prepare_completion(self, req: CompletionRequest, model_id: str) -> Generation:
         entry = self.resolve(model_id, ModelKind.CHAT)
@@ -181,7 +185,8 @@ class LocalModels:
             raise InvalidRequest("The prompt is empty.", param="prompt")
         return self._generation(entry, tokens, req.completion_limit(), req, chat=False, what="prompt")
 
-    def _generation(self, entry: ModelEntry, tokens: list[int], limit: int | None, req: Any, chat: bool, what: str) -> Generation:
+    def _generation(self, entry: ModelEntry, tokens: list[int], limit: int | None, req: Any, chat: bool, what: str,
+                    grammar: str | None = None) -> Generation:
         context = entry.context_length
         n = len(tokens)
         if n >= context:
@@ -202,6 +207,7 @@ class LocalModels:
             repetition_penalty=req.repetition_penalty or 1.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             presence_penalty=req.presence_penalty or 0.0,
+            grammar=grammar,
         )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Generation(entry, tokens, limit if limit is not None else context - n, sampling, req.stop_list(), chat, include_usage)
@@ -220,6 +226,8 @@ class LocalModels:
                 elif isinstance(item, Final):
                     if item.error is not None:
                         raise engine_error(item.error)
+                    if gen.sampling.grammar is not None and item.finish_reason == "length":
+                        parts.append(closing("".join(parts)))  # cut JSON still parses (finish_reason says length)
                     if answer.notice:
                         parts.append(answer.notice)
                     use = fmt.usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
@@ -256,6 +264,7 @@ class LocalModels:
         """SSE body. Closing the generator (client gone) cancels the request."""
         writer = fmt.ChunkWriter(rid, gen.entry.id, gen.chat, gen.include_usage, answer.marker())
         final: Final | None = None
+        sent: list[str] | None = [] if gen.sampling.grammar is not None else None  # JSON mode: kept to close a cut answer
         try:
             head = writer.first()
             items = first
@@ -265,8 +274,12 @@ class LocalModels:
                 head = b""
                 if text:
                     out += writer.text(text)
+                    if sent is not None:
+                        sent.append(text)
                 final = next((i for i in items if isinstance(i, Final)), None)
                 if final is not None:
+                    if sent is not None and final.error is None and final.finish_reason == "length":
+                        out += writer.text(closing("".join(sent)))
                     if answer.notice and final.error is None:
                         out += writer.text(answer.notice)
                     if final.error is not None:
@@ -312,6 +325,35 @@ class LocalModels:
             raise lookup_error(exc) from None
         except (QueueTimedOut, EngineStopped, InputTooLong, EngineFailure) as exc:
             raise engine_error(exc) from None
+
+
+@functools.lru_cache(maxsize=128)
+def _schema_grammar(schema_json: str) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(schema_json)
+
+
+def response_grammar(req: ChatCompletionRequest, entry: ModelEntry) -> str | None:
+    """The GBNF grammar that enforces ``response_format`` with llama.cpp's grammar sampler, so a
+    local JSON answer always parses (unless ``max_tokens`` cuts it: ``finish_reason`` is then
+    ``length``, as at OpenAI). None for plain text."""
+    fmt_ = req.response_format
+    if fmt_ is None or fmt_.type == "text":
+        return None
+    if fmt_.type == "json_object":
+        return JSON_OBJECT_GBNF
+    assert fmt_.json_schema is not None
+    schema = fmt_.json_schema.schema_ if fmt_.json_schema.schema_ is not None else {"type": "object"}
+    param = "response_format.json_schema.schema"
+    try:
+        grammar = _schema_grammar(json.dumps(schema, sort_keys=True))
+    except Exception as exc:  # the converter's refusals are ValueError, KeyError, NotImplementedError...
+        raise InvalidRequest(f"The JSON schema cannot be turned into a grammar for local generation "
+                             f"({type(exc).__name__}: {str(exc)[:200]}).", param=param, code="invalid_value") from None
+    if not entry.llm.grammar_ok(grammar):
+        raise InvalidRequest("The JSON schema gives a grammar that llama.cpp refuses.", param=param, code="invalid_value")
+    return grammar
 
 
 @contextlib.contextmanager

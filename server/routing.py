@@ -48,6 +48,7 @@ from server.errors import ApiError, InvalidRequest, UpstreamUnavailable
 from server.journal import Journal
 from server.local import SSE_HEADERS, ClientGone, LocalAnswer, LocalModels, or_disconnect
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
+from server.workloads.summaries import Plan, SummariesWorkload, SummarizeRequest
 from server.workloads.triage import TriageRequest, TriageWorkload
 from server.upstream import (
     Upstream,
@@ -76,7 +77,8 @@ CHAT = Endpoint("chat", "chat/completions", ChatCompletionRequest, "chatcmpl")
 COMPLETIONS = Endpoint("completions", "completions", CompletionRequest, "cmpl")
 EMBEDDINGS = Endpoint("embeddings", "embeddings", EmbeddingRequest, "embd")
 TRIAGE = Endpoint("triage", "triage", TriageRequest, "triage")
-"""Always local: the cloud has no such endpoint."""
+SUMMARIZE = Endpoint("summarize", "summarize", SummarizeRequest, "summary")
+"""``/v1/triage`` and ``/v1/summarize`` are always local: the cloud has no such endpoints."""
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Router:
         self.journal = journal
         self._clock = clock
         self.triage = TriageWorkload(local)
+        self.summaries = SummariesWorkload(local)
 
     # -- entry point -----------------------------------------------------------------------------
     def workload_for(self, header: str | None, model: Any) -> WorkloadConfig | None:
@@ -127,6 +130,8 @@ class Router:
         try:
             if endpoint is TRIAGE:
                 return await self._triage_api(ex, request, body)
+            if endpoint is SUMMARIZE:
+                return await self._summarize_api(ex, request, body)
             wl = ex.workload = self.workload_for(request.headers.get("x-workload"), model)
             if wl is not None and wl.local_only:
                 return await self._local(ex, request, body, wl.local_model, None)
@@ -266,6 +271,8 @@ class Router:
         entry = self.local.registry.get(model_id) if isinstance(model_id, str) else None
         if entry is not None and entry.spec.kind is ModelKind.CLASSIFIER and endpoint is CHAT and wl is not None:
             return await self._classify_chat(ex, request, body, wl, reason)
+        if wl is not None and wl.summary_method is not None and endpoint is CHAT:
+            return await self._summarize_chat(ex, request, body, wl, reason)
         try:
             req = parse_request(endpoint.schema, body)
             headers = self._headers(ex, "local", req.model, reason)
@@ -336,6 +343,66 @@ class Router:
             answer = self._answer(wl, model_id, reason, free_text=False)
             return await self.triage.chat(req, model_id, wl.output_template, ex.rid, request.receive, answer,
                                           self._headers(ex, "local", model_id, reason), self._on_local_done(ex, model_id, reason))
+        except InvalidRequest as exc:
+            self._cannot_stand_in(ex, reason, exc)
+
+    # -- summaries -------------------------------------------------------------------------------
+    def _plan(self, wl: WorkloadConfig, method: str | None, max_words: int | None, reason: str | None) -> Plan:
+        assert wl.embedding_model is not None and wl.summary_method is not None
+        chat = wl.local_model if wl.local_model and self._kind(wl.local_model) is ModelKind.CHAT else None
+        method = method or wl.summary_method
+        if method == "abstractive" and chat is None:
+            raise InvalidRequest(f"The workload '{wl.name}' has no local chat model for abstractive summaries.", param="method")
+        answer = self._answer(wl, chat if method == "abstractive" else wl.embedding_model, reason)
+        return Plan(method, wl.embedding_model, chat, max_words or wl.max_words, answer)
+
+    def _kind(self, model_id: str) -> ModelKind | None:
+        entry = self.local.registry.get(model_id)
+        return entry.spec.kind if entry is not None else None
+
+    async def _summarize_api(self, ex: Exchange, request: Request, body: dict[str, Any]) -> Response:
+        """``/v1/summarize``'s model: a summaries workload (default: ``summaries``), or a chat model
+        (abstractive, checked with the default embedding model), or an embedding model (extractive)."""
+        ex.route = "local"
+        req = parse_request(SummarizeRequest, body)
+        wl = self.workloads.get("summaries") if req.model is None else self._by_model.get(req.model)
+        if wl is not None and wl.summary_method is not None:
+            ex.workload = wl
+            plan = self._plan(wl, req.method, req.max_words, None)
+        elif req.model is None:
+            raise InvalidRequest("No summaries workload is configured; name a model with 'model'.", param="model")
+        else:
+            kind = self._kind(req.model)
+            default = self.workloads.get("summaries")
+            embedding = default.embedding_model if default is not None and default.embedding_model else "minilm-l6-v2"
+            if kind is ModelKind.CHAT:
+                stand_in = WorkloadConfig(name="", local_model=req.model, summary_method="abstractive", embedding_model=embedding)
+            elif kind is ModelKind.EMBEDDING:
+                stand_in = WorkloadConfig(name="", local_model=req.model, summary_method="extractive", embedding_model=req.model)
+            else:
+                self.local.resolve(req.model, ModelKind.CHAT)  # 404 for an unknown model, 400 naming the kind otherwise
+                raise AssertionError("unreachable")
+            if self._kind(stand_in.embedding_model or "") is not ModelKind.EMBEDDING:
+                raise InvalidRequest("No embedding model is available to pick or check summary sentences.", param="model")
+            plan = self._plan(stand_in, req.method, req.max_words, None)
+            plan = Plan(plan.method, plan.embedding_model, plan.chat_model, plan.max_words, LocalAnswer(plan.answer.model))
+        model = plan.chat_model if plan.method == "abstractive" else plan.embedding_model
+        return await self.summaries.api(req, plan, request.receive, self._headers(ex, "local", model),
+                                        self._on_local_done(ex, model or "", None))
+
+    async def _summarize_chat(self, ex: Exchange, request: Request, body: dict[str, Any], wl: WorkloadConfig,
+                              reason: str | None) -> Response:
+        try:
+            fmt_ = body.get("response_format")
+            if fmt_ not in (None, {"type": "text"}):
+                raise InvalidRequest("A summaries workload answers in plain text; response_format is not supported.",
+                                     param="response_format")
+            req = parse_request(ChatCompletionRequest, {**body, "model": wl.local_model})
+            plan = self._plan(wl, None, None, reason)
+            model = plan.chat_model if plan.method == "abstractive" else plan.embedding_model
+            assert model is not None
+            return await self.summaries.chat(req, plan, ex.rid, request.receive, self._headers(ex, "local", model, reason),
+                                             self._on_local_done(ex, model, reason))
         except InvalidRequest as exc:
             self._cannot_stand_in(ex, reason, exc)
 

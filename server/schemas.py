@@ -60,7 +60,6 @@ _CHAT_UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "Tool calling is not supported."),
     "functions": (_empty, "Function calling is not supported."),
     "function_call": (lambda v: v in (None, "none", "auto"), "Function calling is not supported."),
-    "response_format": (lambda v: v is None or v == {"type": "text"}, "Only response_format {\"type\": \"text\"} is supported."),
     "logit_bias": (_empty, "logit_bias is not supported."),
     "store": (_false, "Stored completions are not supported."),
     "metadata": (_empty, "Stored completions are not supported."),
@@ -148,9 +147,28 @@ class _Sampling(_Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (enforced with a grammar)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def model_post_init(self, _: Any) -> None:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
 
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

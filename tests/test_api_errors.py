@@ -66,7 +66,6 @@ def test_prompt_plus_max_tokens_over_the_context_is_400(server: ServerProc) -> N
     ("logprobs", True),
     ("top_logprobs", 3),
     ("logit_bias", {"42": 10}),
-    ("response_format", {"type": "json_object"}),
     ("reasoning_effort", "high"),
 ])
 def test_unsupported_chat_parameter_is_400_naming_it(server: ServerProc, param: str, value: object) -> None:

@@ -32,7 +32,9 @@ def test_prefix_cache_hit_is_reported_in_usage(server: ServerProc) -> None:
 
 
 def _hold_slot(url: str, stop: threading.Event, started: threading.Event) -> None:
-    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 2000, "stream": True}
+    # Greedy: SmolLM2 writes this story to the 2000-token limit (sampled, it may stop early and free the slot).
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 2000, "stream": True,
+            "temperature": 0}
     with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/chat/completions", json=body) as r:
         for _ in r.iter_lines():
             started.set()

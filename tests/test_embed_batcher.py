@@ -77,7 +77,7 @@ def test_wait_window_expired_runs_what_there_is() -> None:
     assert len(batch) == 1 and wait is None
 
 
-def test_higher_priority_items_go_first_and_arrival_order_holds_within_a_class() -> None:
+def test_a_batch_holds_the_highest_class_present_in_arrival_order() -> None:
     from models.priority import Priority
 
     b = DynamicBatcher(max_batch_requests=3, max_batch_tokens=10_000)
@@ -86,10 +86,9 @@ def test_higher_priority_items_go_first_and_arrival_order_holds_within_a_class()
     high = [EmbedJob([[1] * 4], priority=Priority.HIGH) for _ in range(2)]
     for j in (*low, normal, *high):
         b.add(j)
-    batch, _ = b.next_batch(0.0)
-    assert [i.job for i in batch] == [*high, normal]
-    batch, _ = b.next_batch(0.0)
-    assert [i.job for i in batch] == low
+    assert [i.job for i in b.next_batch(0.0)[0]] == high  # not topped up with the normal one
+    assert [i.job for i in b.next_batch(0.0)[0]] == [normal]
+    assert [i.job for i in b.next_batch(0.0)[0]] == low
 
 
 def test_adaptive_fill_waits_for_the_clients_the_last_batch_answered() -> None:
