@@ -108,7 +108,8 @@ name = "summaries"
 cloud_model = "gpt-4o-mini"
 fallback = "local"
 local_model = "{LOCAL_MODEL}"
-system_prompt = "Summarise the note in one sentence."
+summary_method = "extractive"
+max_words = 40
 
 [[workloads]]
 name = "general"

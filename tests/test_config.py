@@ -18,13 +18,16 @@ def test_no_file_means_the_embedded_default_fully_local() -> None:
     assert config.server.host == "127.0.0.1" and config.server.port == 8080
     assert [m.id for m in config.models] == [SMOLLM2_ID, MINILM_ID, TRIAGE_ID]
     assert config.server.api_keys == ()
-    [triage] = config.workloads  # the built-in workload: local, first in the queues
+    triage, summaries = config.workloads  # the built-in workloads: local-only
     assert (triage.name, triage.local_model, triage.priority, triage.local_only) == ("triage", TRIAGE_ID, "high", True)
+    assert (summaries.name, summaries.summary_method, summaries.embedding_model, summaries.local_only) == (
+        "summaries", "extractive", MINILM_ID, True)
 
 
 def test_a_users_workload_replaces_the_built_in_one_of_the_same_name() -> None:
     config = parse_config({"workloads": [{"name": "triage", "fallback": "local", "local_model": SMOLLM2_ID}]}, Path("."), env={})
-    assert [(w.name, w.local_model, w.local_only) for w in config.workloads] == [("triage", SMOLLM2_ID, False)]
+    assert [(w.name, w.local_model, w.local_only) for w in config.workloads] == [
+        ("triage", SMOLLM2_ID, False), ("summaries", SMOLLM2_ID, True)]
     assert parse_config({"server": {"embedded_models": False}, "models": {"m": {
         "kind": "chat", "path": "/x.gguf", "sha256": "a" * 64}}}, Path("."), env={}).workloads == ()
 
@@ -78,6 +81,12 @@ def test_api_keys_come_from_the_named_environment_variable() -> None:
      "workloads[0].local_notice"),
     ({"workloads": [{"name": "w", "fallback": "local", "local_model": SMOLLM2_ID, "output_template": "{label}"}]},
      "workloads[0].output_template"),
+    ({"workloads": [{"name": "w", "fallback": "local", "local_model": SMOLLM2_ID, "summary_method": "poetic"}]},
+     "workloads[0].summary_method"),
+    ({"workloads": [{"name": "w", "fallback": "local", "local_model": MINILM_ID, "summary_method": "abstractive"}]},
+     "workloads[0].local_model"),
+    ({"workloads": [{"name": "w", "fallback": "local", "local_model": SMOLLM2_ID, "max_words": 50}]},
+     "workloads[0].max_words"),
     ({"models": {SMOLLM2_ID: {"max_batch_requests": 8}}}, f"models.{SMOLLM2_ID}.max_batch_requests"),
     ({"models": {MINILM_ID: {"slots": 4}}}, f"models.{MINILM_ID}.slots"),
     ({"server": {"embedded_models": False}}, "models"),
