@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from models.bridge import Channel, Delta, Final
-from models.engine_base import Batch, EngineFailure, EngineThread, QueueTimedOut
+from models.engine_base import Batch, EngineFailure, EngineThread, InputTooLong, QueueTimedOut
 from models.priority import Priority
 from models.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from models.sequence import FINISH_REASON, SamplingParams, Sequence, SequenceStatus
@@ -75,8 +75,12 @@ class LlmEngine(EngineThread):
     # -- engine thread ---------------------------------------------------------------------------
     def _accept(self, entries: list[_Live], batch: Batch) -> None:
         for live in entries:
+            try:
+                self._scheduler.add(live.seq)
+            except ValueError as exc:  # longer than a slot holds: this request fails, no other
+                batch.append((live.channel, Final(None, prompt_tokens=live.seq.num_prompt_tokens, error=InputTooLong(str(exc)))))
+                continue
             self._live[live.seq.seq_id] = live
-            self._scheduler.add(live.seq)
 
     def _cancel(self, request_ids: list[int]) -> None:
         for seq_id in request_ids:

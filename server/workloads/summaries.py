@@ -179,13 +179,12 @@ class SummariesWorkload:
             output = self._output_tokens(entry, plan)
             budget = max(64, entry.context_length - output - _PROMPT_RESERVE_TOKENS)
             count = lambda ts: [len(entry.llm.tokenize(t, special=False)) for t in ts]  # noqa: E731
-            parts = [p.text for p in chunks(text, budget, count, overhead=0)] or [text]
+            parts = _fit(text, budget, count)
             summary.parts = len(parts)
             rounds = 0
             while len(parts) > 1 and rounds < _MAX_REDUCE_ROUNDS:  # map: every part at once (one batch), then reduce
                 partials = await asyncio.gather(*[self._complete(entry, p, plan, summary, io) for p in parts])
-                joined = "\n".join(partials)
-                parts = [p.text for p in chunks(joined, budget, count, overhead=0)] or [joined]
+                parts = _fit("\n".join(partials), budget, count)
                 rounds += 1
                 if len(parts) > 1:
                     summary.parts += len(parts)
@@ -354,6 +353,21 @@ class SummariesWorkload:
             return [await stream.__anext__()]
         except StopAsyncIteration:
             return []
+
+
+def _fit(text: str, budget: int, count: Callable[[list[str]], list[int]], limit: int | None = None) -> list[str]:
+    """``text`` in parts of at most ``budget`` tokens, in order. Sentence counts do not add up
+    exactly to the count of the joined text (the white space between sentences has tokens of
+    its own), so each part is measured whole and cut again, tighter, until it fits."""
+    limit = budget if limit is None else limit
+    parts = [p.text for p in chunks(text, limit, count, overhead=0)] or [text]
+    out: list[str] = []
+    for part, size in zip(parts, count(parts)):
+        if size <= budget or limit < 32:
+            out.append(part)
+        else:
+            out.extend(_fit(part, budget, count, int(limit * 0.85)))
+    return out
 
 
 async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
