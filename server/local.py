@@ -327,11 +327,17 @@ class LocalModels:
             raise engine_error(exc) from None
 
 
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
 @functools.lru_cache(maxsize=128)
 def _schema_grammar(schema_json: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    return json_schema_to_gbnf(schema_json)
+    # The converter's string characters admit raw control characters (a newline inside a
+    # string), which JSON does not: narrow them as llama.cpp's own JSON grammar does.
+    return json_schema_to_gbnf(schema_json).replace(_LOOSE_CHAR, _JSON_CHAR)
 
 
 def response_grammar(req: ChatCompletionRequest, entry: ModelEntry) -> str | None:

@@ -41,14 +41,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from models.catalog import ModelKind
-from models.priority import Priority
 from server import openai_format as fmt
 from server.config import WorkloadConfig
 from server.errors import ApiError, InvalidRequest, UpstreamUnavailable
 from server.journal import Journal
-from server.local import SSE_HEADERS, ClientGone, LocalAnswer, LocalModels, or_disconnect
+from server.local import SSE_HEADERS, ClientGone, LocalModels, or_disconnect
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
-from server.workloads.summaries import Plan, SummariesWorkload, SummarizeRequest
+from server.workloads.choose import local_answer, summarize_target, summary_plan, triage_model
+from server.workloads.summaries import SummariesWorkload, SummarizeRequest
 from server.workloads.triage import TriageRequest, TriageWorkload
 from server.upstream import (
     Upstream,
@@ -277,7 +277,7 @@ class Router:
             req = parse_request(endpoint.schema, body)
             headers = self._headers(ex, "local", req.model, reason)
             done = self._on_local_done(ex, req.model, reason)
-            answer = self._answer(wl, req.model, reason)
+            answer = local_answer(wl, req.model, reason)
             if endpoint is EMBEDDINGS:
                 out = await self.local.embed(req, req.model, request.receive, answer)
                 done(200, out["usage"]["prompt_tokens"], None)
@@ -294,41 +294,12 @@ class Router:
             self._cannot_stand_in(ex, reason, exc)
         return await self.local.respond(gen, ex.rid, req.stream, request.receive, headers, answer, done)
 
-    def _answer(self, wl: WorkloadConfig | None, model: str, reason: str | None, free_text: bool = True) -> LocalAnswer:
-        if wl is None:
-            return LocalAnswer(model, reason)
-        return LocalAnswer(model, reason, Priority.from_name(wl.priority), wl.local_notice if free_text else None)
-
-    # -- triage ----------------------------------------------------------------------------------
-    def _default_classifier(self, model: str | None) -> tuple[str, WorkloadConfig | None]:
-        """``/v1/triage``'s model: a classifier id, or a workload served by a classifier, or
-        (none given) the ``triage`` workload's classifier, else the first classifier."""
-        def is_classifier(model_id: str | None) -> bool:
-            entry = self.local.registry.get(model_id) if model_id else None
-            return entry is not None and entry.spec.kind is ModelKind.CLASSIFIER
-
-        if model is None:
-            wl = self.workloads.get("triage")
-            if wl is not None and is_classifier(wl.local_model):
-                return wl.local_model, wl  # type: ignore[return-value]
-            first = next((e.id for e in self.local.registry.entries if e.spec.kind is ModelKind.CLASSIFIER), None)
-            if first is None:
-                raise InvalidRequest("No classifier is configured; name one with 'model'.", param="model")
-            return first, None
-        wl = self._by_model.get(model)
-        if wl is not None:
-            if not is_classifier(wl.local_model):
-                raise InvalidRequest(f"The workload '{wl.name}' is not served by a classifier.", param="model",
-                                     code="model_not_supported")
-            return wl.local_model, wl  # type: ignore[return-value]
-        return model, None
-
     async def _triage_api(self, ex: Exchange, request: Request, body: dict[str, Any]) -> Response:
         ex.route = "local"
         req = parse_request(TriageRequest, body)
-        model_id, wl = self._default_classifier(req.model)
+        model_id, wl = triage_model(req.model, self.workloads, self._by_model, self.local.registry)
         ex.workload = wl
-        answer = self._answer(wl, model_id, None, free_text=False)
+        answer = local_answer(wl, model_id, None, free_text=False)
         return await self.triage.api(req, model_id, request.receive, answer, self._headers(ex, "local", model_id),
                                      self._on_local_done(ex, model_id, None))
 
@@ -340,52 +311,23 @@ class Router:
             body = {k: v for k, v in body.items() if k != "response_format"}  # the template's JSON satisfies it
         try:
             req = parse_request(ChatCompletionRequest, {**body, "model": model_id})
-            answer = self._answer(wl, model_id, reason, free_text=False)
+            answer = local_answer(wl, model_id, reason, free_text=False)
             return await self.triage.chat(req, model_id, wl.output_template, ex.rid, request.receive, answer,
                                           self._headers(ex, "local", model_id, reason), self._on_local_done(ex, model_id, reason))
         except InvalidRequest as exc:
             self._cannot_stand_in(ex, reason, exc)
 
     # -- summaries -------------------------------------------------------------------------------
-    def _plan(self, wl: WorkloadConfig, method: str | None, max_words: int | None, reason: str | None) -> Plan:
-        assert wl.embedding_model is not None and wl.summary_method is not None
-        chat = wl.local_model if wl.local_model and self._kind(wl.local_model) is ModelKind.CHAT else None
-        method = method or wl.summary_method
-        if method == "abstractive" and chat is None:
-            raise InvalidRequest(f"The workload '{wl.name}' has no local chat model for abstractive summaries.", param="method")
-        answer = self._answer(wl, chat if method == "abstractive" else wl.embedding_model, reason)
-        return Plan(method, wl.embedding_model, chat, max_words or wl.max_words, answer)
-
-    def _kind(self, model_id: str) -> ModelKind | None:
-        entry = self.local.registry.get(model_id)
-        return entry.spec.kind if entry is not None else None
-
     async def _summarize_api(self, ex: Exchange, request: Request, body: dict[str, Any]) -> Response:
-        """``/v1/summarize``'s model: a summaries workload (default: ``summaries``), or a chat model
-        (abstractive, checked with the default embedding model), or an embedding model (extractive)."""
+        """``/v1/summarize``: the plan comes from ``server.workloads.choose.summarize_target``."""
         ex.route = "local"
         req = parse_request(SummarizeRequest, body)
-        wl = self.workloads.get("summaries") if req.model is None else self._by_model.get(req.model)
-        if wl is not None and wl.summary_method is not None:
-            ex.workload = wl
-            plan = self._plan(wl, req.method, req.max_words, None)
-        elif req.model is None:
-            raise InvalidRequest("No summaries workload is configured; name a model with 'model'.", param="model")
-        else:
-            kind = self._kind(req.model)
-            default = self.workloads.get("summaries")
-            embedding = default.embedding_model if default is not None and default.embedding_model else "minilm-l6-v2"
-            if kind is ModelKind.CHAT:
-                stand_in = WorkloadConfig(name="", local_model=req.model, summary_method="abstractive", embedding_model=embedding)
-            elif kind is ModelKind.EMBEDDING:
-                stand_in = WorkloadConfig(name="", local_model=req.model, summary_method="extractive", embedding_model=req.model)
-            else:
-                self.local.resolve(req.model, ModelKind.CHAT)  # 404 for an unknown model, 400 naming the kind otherwise
-                raise AssertionError("unreachable")
-            if self._kind(stand_in.embedding_model or "") is not ModelKind.EMBEDDING:
-                raise InvalidRequest("No embedding model is available to pick or check summary sentences.", param="model")
-            plan = self._plan(stand_in, req.method, req.max_words, None)
-            plan = Plan(plan.method, plan.embedding_model, plan.chat_model, plan.max_words, LocalAnswer(plan.answer.model))
+        try:
+            plan, ex.workload = summarize_target(req.model, req.method, req.max_words, self.workloads, self._by_model,
+                                                 self.local.registry)
+        except LookupError:
+            self.local.resolve(req.model or "", ModelKind.CHAT)  # 404 for an unknown model, 400 naming its kind
+            raise
         model = plan.chat_model if plan.method == "abstractive" else plan.embedding_model
         return await self.summaries.api(req, plan, request.receive, self._headers(ex, "local", model),
                                         self._on_local_done(ex, model or "", None))
@@ -398,7 +340,7 @@ class Router:
                 raise InvalidRequest("A summaries workload answers in plain text; response_format is not supported.",
                                      param="response_format")
             req = parse_request(ChatCompletionRequest, {**body, "model": wl.local_model})
-            plan = self._plan(wl, None, None, reason)
+            plan = summary_plan(wl, None, None, reason, self.local.registry)
             model = plan.chat_model if plan.method == "abstractive" else plan.embedding_model
             assert model is not None
             return await self.summaries.chat(req, plan, ex.rid, request.receive, self._headers(ex, "local", model, reason),

@@ -117,12 +117,30 @@ def test_probability_of_the_urgent_label_escalates() -> None:
     assert out.label == "emergent" and out.reason == "escalated"
 
 
+def _at_cosine(cos: float) -> np.ndarray:
+    """A vector at cosine ``cos`` to the nearest training example (the stub's are the axes 0-3)."""
+    v = np.zeros((1, 8), dtype=np.float32)
+    v[0, 0], v[0, 7] = cos, (1 - cos**2) ** 0.5
+    return v
+
+
 def test_another_language_and_gibberish_abstain() -> None:
-    c = _classifier([0.9, 0.04, 0.03, 0.03])
+    # MiniLM puts text in another language far from every English example (cosine <= 0.40 for
+    # the twelve languages tried); only such texts go through language identification.
+    c = _classifier([0.9, 0.04, 0.03, 0.03], vector=_at_cosine(0.4))
     out = classify(c, "Mi madre tiene mucho dolor en el pecho desde esta mañana y no puede respirar bien")
     assert out.abstained and out.reason == "unsupported_language:es"
     assert classify(c, "?? !!! 12345").reason == "no_text"
     assert classify(c, "asdkjh qwpoeiru zxcmvn").abstained
+
+
+def test_text_close_to_the_examples_skips_language_identification() -> None:
+    # py3langid reads this clipped nurse-line English as "no linguistic content" (zxx).
+    text = "pt 67m hx dm htn c/o cp"
+    assert classify(_classifier([0.9, 0.04, 0.03, 0.03], vector=_at_cosine(0.4)), text).reason == "no_text"
+    # Close to the examples (as real messages like it are), it is classified, not refused.
+    out = classify(_classifier([0.9, 0.04, 0.03, 0.03], vector=_at_cosine(0.9)), text)
+    assert out.label == "emergent" and not out.abstained
 
 
 def test_text_unlike_the_training_set_abstains() -> None:
