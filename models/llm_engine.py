@@ -77,8 +77,9 @@ class LlmEngine(EngineThread):
         for live in entries:
             try:
                 self._scheduler.add(live.seq)
-            except ValueError as exc:  # longer than a slot holds: this request fails, no other
-                batch.append((live.channel, Final(None, prompt_tokens=live.seq.num_prompt_tokens, error=InputTooLong(str(exc)))))
+            except Exception as exc:  # refused (e.g. longer than a slot holds): this request fails, no other
+                error = InputTooLong(str(exc)) if isinstance(exc, ValueError) else EngineFailure(f"engine error: {type(exc).__name__}")
+                batch.append((live.channel, Final(None, prompt_tokens=live.seq.num_prompt_tokens, error=error)))
                 continue
             self._live[live.seq.seq_id] = live
 

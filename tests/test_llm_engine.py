@@ -180,3 +180,24 @@ def test_embedding_request_waiting_past_the_queue_timeout_fails_with_queue_timeo
     a, b = asyncio.run(go())
     assert a.error is None and a.payload.shape == (1, 2)
     assert isinstance(b.error, QueueTimedOut)
+
+
+def test_a_request_the_scheduler_refuses_fails_alone() -> None:
+    """A prompt longer than a slot holds reaches the engine (a caller that skipped validation):
+    it gets an error, and the requests queued with it in the same step are still answered."""
+    from models.engine_base import InputTooLong
+
+    async def go() -> list[tuple[str, Final]]:
+        eng = engine(FakeRunner(2, script([1, 2])))
+        eng.start(asyncio.get_running_loop())
+        try:
+            channels = [eng.submit([5, 6], 10, SamplingParams()), eng.submit([5] * 300, 10, SamplingParams()),
+                        eng.submit([6, 7], 10, SamplingParams())]
+            return await asyncio.wait_for(asyncio.gather(*[collect(c) for c in channels]), 10)
+        finally:
+            await asyncio.to_thread(eng.stop)
+
+    first, refused, last = asyncio.run(go())
+    assert isinstance(refused[1].error, InputTooLong) and "exceeds" in str(refused[1].error)
+    assert first == ("Hello", first[1]) and first[1].finish_reason == "stop"
+    assert last[0] == "Hello" and last[1].error is None
