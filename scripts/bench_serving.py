@@ -88,6 +88,8 @@ class Level:
     concurrency: int
     replies: list[Reply] = field(default_factory=list)
     wall: float = 0.0
+    loop_cpu: float = float("nan")
+    """CPU seconds of the server's main thread (Understudy's event loop) during the level."""
 
     @property
     def ok(self) -> list[Reply]:
@@ -103,9 +105,12 @@ class Level:
         itl = [r.itl for r in ok if r.itl is not None]
         e2e = [r.ended - r.started for r in ok]
         short = sum(1 for r in ok if r.completion_tokens < max_tokens and r.finish_reason != "stop")
+        tokens = sum(r.completion_tokens for r in ok)
         return {
             "c": self.concurrency, "sent": len(self.replies), "done": len(ok), "short": short,
             "failed": len(self.replies) - len(ok), "tok_s": self.tok_s,
+            "loop_ms_tok": self.loop_cpu * 1000 / tokens if tokens else float("nan"),
+            "loop_ms_req": self.loop_cpu * 1000 / len(ok) if ok else float("nan"),
             "ttft50": pct(ttft, 50), "ttft95": pct(ttft, 95), "itl50": pct(itl, 50), "itl95": pct(itl, 95),
             "e2e50": pct(e2e, 50), "e2e95": pct(e2e, 95),
         }
@@ -130,6 +135,19 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def main_thread_cpu(self) -> float:
+        """CPU seconds used so far by the server's main thread (its thread id is its pid): for
+        Understudy, the event loop. NaN when the server is not a process of ours."""
+        if self.process is None:
+            return float("nan")
+        try:
+            for t in psutil.Process(self.process.pid).threads():
+                if t.id == self.process.pid:
+                    return t.user_time + t.system_time
+        except psutil.Error:
+            pass
+        return float("nan")
 
     def rss_mb(self) -> float:
         if self.process is None:
@@ -234,18 +252,22 @@ async def run_level(server: Server, concurrency: int, duration: float, max_token
         conn = Connection(u.hostname or "127.0.0.1", u.port or 80)
         await conn.request("POST", "/v1/chat/completions", body(0))
         await conn.close()
+    cpu0 = server.main_thread_cpu()
     start = time.perf_counter()
     await asyncio.gather(*[client(k, start + duration) for k in range(concurrency)])
     level.wall = time.perf_counter() - start
+    level.loop_cpu = server.main_thread_cpu() - cpu0
     return level
 
 
 def print_levels(name: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n{name}")
-    print(f"  {'conc':>4} {'done':>5} {'short':>5} {'fail':>4} {'tok/s':>7} {'TTFT p50':>9} {'p95':>7} {'ITL p50':>8} {'p95':>7} {'E2E p50':>8} {'p95':>7}")
+    print(f"  {'conc':>4} {'done':>5} {'short':>5} {'fail':>4} {'tok/s':>7} {'TTFT p50':>9} {'p95':>7} {'ITL p50':>8} {'p95':>7} "
+          f"{'E2E p50':>8} {'p95':>7} {'main-thread CPU ms/token':>25} {'ms/request':>11}")
     for r in rows:
         print(f"  {r['c']:>4} {r['done']:>5} {r['short']:>5} {r['failed']:>4} {r['tok_s']:>7.1f} {r['ttft50']:>8.3f}s {r['ttft95']:>6.3f}s "
-              f"{r['itl50'] * 1000:>6.1f}ms {r['itl95'] * 1000:>5.1f}ms {r['e2e50']:>7.2f}s {r['e2e95']:>6.2f}s")
+              f"{r['itl50'] * 1000:>6.1f}ms {r['itl95'] * 1000:>5.1f}ms {r['e2e50']:>7.2f}s {r['e2e95']:>6.2f}s "
+              f"{r['loop_ms_tok']:>25.3f} {r['loop_ms_req']:>11.2f}")
 
 
 def print_comparison(results: dict[str, list[dict[str, Any]]]) -> None:
@@ -483,10 +505,12 @@ def main() -> int:
                     level = asyncio.run(run_level(servers[which], c, args.duration / args.reps, args.max_tokens))
                     merged[which].replies += level.replies
                     merged[which].wall += level.wall
+                    merged[which].loop_cpu = (level.loop_cpu if rep == 0 else merged[which].loop_cpu + level.loop_cpu)
             for which in order:
                 row = merged[which].summary(args.max_tokens)
                 results[which].append(row)
-                print(f"  c={c:<3} {servers[which].name:<24} {row['tok_s']:7.1f} tok/s, {row['done']} done, TTFT p50 {row['ttft50']:.3f} s", flush=True)
+                print(f"  c={c:<3} {servers[which].name:<24} {row['tok_s']:7.1f} tok/s, {row['done']} done, TTFT p50 {row['ttft50']:.3f} s, "
+                      f"main thread {row['loop_ms_tok']:.3f} ms CPU/token", flush=True)
     finally:
         for s in servers.values():
             s.stop()
