@@ -65,16 +65,30 @@ def heading_bonus(text: str, spans: list[Span]) -> np.ndarray:
 
 
 def shortlist(text: str, spans: list[Span], limit: int = SHORTLIST) -> list[int]:
-    """Indices (in document order) of the ``limit`` most central sentences by word TF-IDF."""
+    """Indices (in document order) of the ``limit`` most central sentences by word TF-IDF
+    (1-2-grams, sublinear tf, as ``models.lexical``; each sentence's n-grams computed once)."""
     if len(spans) <= limit:
         return list(range(len(spans)))
-    from models.lexical import Block
+    from collections import Counter
 
-    block = Block.fit([s.text for s in spans], "word", 1)
-    rows = [block.transform_one(s.text) for s in spans]
-    centroid = np.zeros(len(block.vocab))
-    for cols, vals in rows:
+    from models.lexical import word_ngrams
+
+    counts = [Counter(word_ngrams(s.text)) for s in spans]
+    df: Counter[str] = Counter()
+    for c in counts:
+        df.update(c.keys())
+    vocab = {t: i for i, t in enumerate(df)}
+    n = len(spans)
+    idf = np.log((1 + n) / (1 + np.fromiter(df.values(), dtype=np.float64, count=len(df)))) + 1.0
+    rows = []
+    centroid = np.zeros(len(vocab))
+    for c in counts:
+        cols = np.fromiter((vocab[t] for t in c), dtype=np.int64, count=len(c))
+        vals = (1.0 + np.log(np.fromiter(c.values(), dtype=np.float64, count=len(c)))) * idf[cols]
+        if vals.size:
+            vals /= np.linalg.norm(vals)
         centroid[cols] += vals
+        rows.append((cols, vals))
     centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
     score = np.array([float(vals @ centroid[cols]) if cols.size else 0.0 for cols, vals in rows]) + heading_bonus(text, spans)
     score[np.array([words(s.text) < MIN_WORDS or s.text.endswith(":") for s in spans])] = -np.inf

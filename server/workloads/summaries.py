@@ -134,6 +134,7 @@ class _Source:
 class SummariesWorkload:
     def __init__(self, local: LocalModels) -> None:
         self.local = local
+        self._cpu = asyncio.Semaphore(1)
 
     # -- the source, embedded ------------------------------------------------------------------
     async def _embed_source(self, text: str, plan: Plan, io: Io, limit_sentences: int | None = None) -> _Source:
@@ -150,7 +151,9 @@ class SummariesWorkload:
         if limit_sentences is not None and len(spans) > limit_sentences:
             # Pure Python over every sentence (tens of ms for a long note): off the event loop, so
             # that a burst of long notes does not hold up the triage requests queued behind it.
-            keep = await asyncio.to_thread(shortlist, text, spans, limit_sentences)
+            # One at a time: a burst of notes then shares the GIL with the loop through one thread.
+            async with self._cpu:
+                keep = await asyncio.to_thread(shortlist, text, spans, limit_sentences)
             spans = [spans[i] for i in keep]
         order = sorted(range(len(spans)), key=lambda i: len(spans[i].text))  # batches are padded to their longest
         result = await self.local.call(self.local.client.embed(plan.embedding_model, [spans[i].text for i in order],
