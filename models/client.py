@@ -37,10 +37,9 @@ class UnknownModel(ModelLookupError):
 
 
 class WrongKind(ModelLookupError):
-    def __init__(self, model_id: str, kind: ModelKind, wanted: tuple[ModelKind, ...]) -> None:
+    def __init__(self, model_id: str, kind: ModelKind) -> None:
         super().__init__(model_id, f"model '{model_id}' is a {kind.value} model")
         self.kind = kind
-        self.wanted = wanted
 
 
 class ModelNotReady(ModelLookupError):
@@ -79,7 +78,7 @@ class LocalClient:
         if entry is None:
             raise UnknownModel(model_id, f"no model '{model_id}'")
         if kinds and entry.spec.kind not in kinds:
-            raise WrongKind(model_id, entry.spec.kind, kinds)
+            raise WrongKind(model_id, entry.spec.kind)
         if entry.state is not ModelState.READY:
             why = entry.reason or f"it is {entry.state.value}"
             raise ModelNotReady(model_id, f"the model '{model_id}' is not available: {why}", entry.state.is_final)

@@ -328,13 +328,13 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
     if template is not None and not classifier:
         raise ConfigError(f"{where}.output_template", "only applies when local_model is a classifier")
     if classifier:
-        from server.workloads.triage import check_template
+        from server.workloads.triage import check_template, is_json_template
 
         template = template if template is not None else DEFAULT_OUTPUT_TEMPLATE
         problem = check_template(template, models[local_model].classifier.labels)  # type: ignore[union-attr]
         if problem:
             raise ConfigError(f"{where}.output_template", problem)
-        if notice is not None and template.lstrip().startswith(("{", "[")):
+        if notice is not None and is_json_template(template):
             raise ConfigError(f"{where}.local_notice", "is off for a JSON output_template (it would break the JSON)")
     if notice is not None and not notice.strip():
         raise ConfigError(f"{where}.local_notice", "must not be empty")

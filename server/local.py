@@ -319,11 +319,10 @@ class LocalModels:
         """Await a ``LocalClient`` call, cancelling it if the HTTP client disconnects, with the
         client's errors as API errors."""
         try:
-            with _admission_errors():
-                return await (or_disconnect(awaitable, receive) if receive is not None else awaitable)
+            return await (or_disconnect(awaitable, receive) if receive is not None else awaitable)
         except ModelLookupError as exc:
             raise lookup_error(exc) from None
-        except (QueueTimedOut, EngineStopped, InputTooLong, EngineFailure) as exc:
+        except (EngineOverloaded, QueueTimedOut, EngineStopped, InputTooLong, EngineFailure) as exc:
             raise engine_error(exc) from None
 
 
@@ -360,14 +359,6 @@ def response_grammar(req: ChatCompletionRequest, entry: ModelEntry) -> str | Non
     if not entry.llm.grammar_ok(grammar):
         raise InvalidRequest("The JSON schema gives a grammar that llama.cpp refuses.", param=param, code="invalid_value")
     return grammar
-
-
-@contextlib.contextmanager
-def _admission_errors() -> Iterator[None]:
-    try:
-        yield
-    except EngineOverloaded as exc:
-        raise engine_error(exc) from None
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from server.local import SSE_HEADERS, ClientGone, LocalModels, or_disconnect
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
 from server.workloads.choose import local_answer, summarize_target, summary_plan, triage_model
 from server.workloads.summaries import SummariesWorkload, SummarizeRequest
-from server.workloads.triage import TriageRequest, TriageWorkload
+from server.workloads.triage import TriageRequest, TriageWorkload, is_json_template
 from server.upstream import (
     Upstream,
     UpstreamError,
@@ -307,7 +307,7 @@ class Router:
                              reason: str | None) -> Response:
         model_id = wl.local_model
         assert model_id is not None
-        if body.get("response_format") == {"type": "json_object"} and wl.output_template.lstrip().startswith(("{", "[")):
+        if body.get("response_format") == {"type": "json_object"} and is_json_template(wl.output_template):
             body = {k: v for k, v in body.items() if k != "response_format"}  # the template's JSON satisfies it
         try:
             req = parse_request(ChatCompletionRequest, {**body, "model": model_id})
@@ -328,9 +328,8 @@ class Router:
         except LookupError:
             self.local.resolve(req.model or "", ModelKind.CHAT)  # 404 for an unknown model, 400 naming its kind
             raise
-        model = plan.chat_model if plan.method == "abstractive" else plan.embedding_model
-        return await self.summaries.api(req, plan, request.receive, self._headers(ex, "local", model),
-                                        self._on_local_done(ex, model or "", None))
+        return await self.summaries.api(req, plan, request.receive, self._headers(ex, "local", plan.model),
+                                        self._on_local_done(ex, plan.model, None))
 
     async def _summarize_chat(self, ex: Exchange, request: Request, body: dict[str, Any], wl: WorkloadConfig,
                               reason: str | None) -> Response:
@@ -341,10 +340,8 @@ class Router:
                                      param="response_format")
             req = parse_request(ChatCompletionRequest, {**body, "model": wl.local_model})
             plan = summary_plan(wl, None, None, reason, self.local.registry)
-            model = plan.chat_model if plan.method == "abstractive" else plan.embedding_model
-            assert model is not None
-            return await self.summaries.chat(req, plan, ex.rid, request.receive, self._headers(ex, "local", model, reason),
-                                             self._on_local_done(ex, model, reason))
+            return await self.summaries.chat(req, plan, ex.rid, request.receive, self._headers(ex, "local", plan.model, reason),
+                                             self._on_local_done(ex, plan.model, reason))
         except InvalidRequest as exc:
             self._cannot_stand_in(ex, reason, exc)
 

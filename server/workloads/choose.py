@@ -53,16 +53,15 @@ def triage_model(model: str | None, workloads: Mapping[str, WorkloadConfig], by_
 
 
 def summary_plan(wl: WorkloadConfig, method: str | None, max_words: int | None, reason: str | None,
-                 registry: ModelRegistry, answer: LocalAnswer | None = None) -> Plan:
+                 registry: ModelRegistry) -> Plan:
     """A summaries workload's plan; ``method`` / ``max_words`` from the request override its own."""
     assert wl.embedding_model is not None and wl.summary_method is not None
     chat = wl.local_model if kind_of(registry, wl.local_model) is ModelKind.CHAT else None
     method = method or wl.summary_method
     if method == "abstractive" and chat is None:
         raise InvalidRequest(f"The workload '{wl.name}' has no local chat model for abstractive summaries.", param="method")
-    model = chat if method == "abstractive" else wl.embedding_model
-    assert model is not None
-    return Plan(method, wl.embedding_model, chat, max_words or wl.max_words, answer or local_answer(wl, model, reason))
+    model = chat if method == "abstractive" and chat else wl.embedding_model
+    return Plan(method, wl.embedding_model, chat, max_words or wl.max_words, local_answer(wl, model, reason))
 
 
 def summarize_target(model: str | None, method: str | None, max_words: int | None, workloads: Mapping[str, WorkloadConfig],
@@ -86,6 +85,5 @@ def summarize_target(model: str | None, method: str | None, max_words: int | Non
         raise LookupError(model)
     if kind_of(registry, stand_in.embedding_model) is not ModelKind.EMBEDDING:
         raise InvalidRequest("No embedding model is available to pick or check summary sentences.", param="model")
-    chosen = method or stand_in.summary_method
-    return summary_plan(stand_in, method, max_words, None, registry,
-                        LocalAnswer(model if chosen == "abstractive" else stand_in.embedding_model or model)), None
+    # A stand-in workload with the defaults: normal priority, no notice.
+    return summary_plan(stand_in, method, max_words, None, registry), None

@@ -41,8 +41,8 @@ from server import openai_format as fmt
 from server.errors import InvalidRequest
 from server.local import SSE_HEADERS, LocalAnswer, LocalModels, Receive, engine_error
 from server.schemas import ChatCompletionRequest, Text, _Strict
+from server.workloads.common import MAX_INPUT_CHARS, last_user_text
 
-MAX_INPUT_CHARS = 400_000
 DEFAULT_MAX_WORDS = 150
 METHODS = ("extractive", "abstractive")
 _PART_OUTPUT_TOKENS = 320
@@ -89,6 +89,11 @@ class Plan:
     chat_model: str | None
     max_words: int
     answer: LocalAnswer
+
+    @property
+    def model(self) -> str:
+        """The model that writes the summary: the chat model (abstractive) or the embedder."""
+        return (self.chat_model if self.method == "abstractive" else None) or self.embedding_model
 
 
 @dataclass
@@ -282,21 +287,18 @@ class SummariesWorkload:
 
     async def api(self, req: SummarizeRequest, plan: Plan, receive: Receive | None, headers: dict[str, str], done: Done) -> Response:
         io = Io(receive)
-        model = plan.chat_model if plan.method == "abstractive" else plan.embedding_model
-        assert model is not None
+        model = plan.model
         if not req.stream:
             summary = await self.summarize(req.input, plan, io)
             done(200, summary.prompt_tokens, summary.completion_tokens, provenance=summary.provenance(self._hashes(plan)))
             return JSONResponse(summary.body(model, plan.answer), headers=headers)
         summary = Summary(plan.method)
-        stream = self._sentences(req.input, plan, io, summary)
-        first = await self._first(stream)
-        io.receive = None
+        stream = await _opened(self._sentences(req.input, plan, io, summary), io)
 
         async def events() -> AsyncIterator[bytes]:
             status = 499
             try:
-                async for text, span in _chain(first, stream):
+                async for text, span in stream:
                     yield fmt.sse({"object": "summary.sentence", "text": text, "source_span": [span.start, span.end] if span else None})
                 status = 200
                 yield fmt.sse(summary.body(model, plan.answer)) + fmt.DONE
@@ -307,15 +309,8 @@ class SummariesWorkload:
     async def chat(self, req: ChatCompletionRequest, plan: Plan, rid: str, receive: Receive | None,
                    headers: dict[str, str], done: Done) -> Response:
         io = Io(receive)
-        text = next((m.text() for m in reversed(req.messages) if m.role == "user"), None)
-        if text is None or not text.strip():
-            raise InvalidRequest("A summaries workload summarises the last user message, and this request has none "
-                                 "(or it is empty).", param="messages")
-        if len(text) > MAX_INPUT_CHARS:
-            raise InvalidRequest(f"The last user message has {len(text)} characters; at most {MAX_INPUT_CHARS} are accepted.",
-                                 param="messages")
-        model = plan.chat_model if plan.method == "abstractive" else plan.embedding_model
-        assert model is not None
+        text = last_user_text(req, "A summaries workload")
+        model = plan.model
         notice = plan.answer.notice or ""
         if not req.stream:
             summary = await self.summarize(text, plan, io)
@@ -325,9 +320,7 @@ class SummariesWorkload:
             body["understudy"] = plan.answer.marker()
             return JSONResponse(body, headers=headers)
         summary = Summary(plan.method)
-        stream = self._sentences(text, plan, io, summary)
-        first = await self._first(stream)
-        io.receive = None
+        stream = await _opened(self._sentences(text, plan, io, summary), io)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         writer = fmt.ChunkWriter(rid, model, True, include_usage, plan.answer.marker())
 
@@ -336,7 +329,7 @@ class SummariesWorkload:
             try:
                 yield writer.first()
                 sep = ""
-                async for sentence, _ in _chain(first, stream):
+                async for sentence, _ in stream:
                     yield writer.text(sep + sentence)
                     sep = " "
                 out = writer.text(notice) if notice else b""
@@ -349,13 +342,6 @@ class SummariesWorkload:
                 done(status, summary.prompt_tokens, summary.completion_tokens, provenance=summary.provenance(self._hashes(plan)))
         return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
-    @staticmethod
-    async def _first(stream: AsyncIterator[Any]) -> list[Any]:
-        """The first sentence before the response starts, so that errors can still be an HTTP status."""
-        try:
-            return [await stream.__anext__()]
-        except StopAsyncIteration:
-            return []
 
 
 def _fit(text: str, budget: int, count: Callable[[list[str]], list[int]], limit: int | None = None) -> list[str]:
@@ -373,8 +359,19 @@ def _fit(text: str, budget: int, count: Callable[[list[str]], list[int]], limit:
     return out
 
 
-async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
+async def _opened(stream: AsyncIterator[Any], io: Io) -> AsyncIterator[Any]:
+    """``stream`` with its first item already computed, so that an error before the response
+    starts is still an HTTP status; from then on Starlette watches for disconnects."""
+    try:
+        first = [await stream.__anext__()]
+    except StopAsyncIteration:
+        first = []
+    io.receive = None
+
+    async def chained() -> AsyncIterator[Any]:
+        for item in first:
+            yield item
+        async for item in stream:
+            yield item
+
+    return chained()

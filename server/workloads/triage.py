@@ -24,13 +24,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from models.classifier import ABSTAIN_LABEL, Classification, Classified
 from server import openai_format as fmt
-from server.errors import InvalidRequest
 from server.local import SSE_HEADERS, LocalAnswer, LocalModels, Receive
 from server.schemas import ChatCompletionRequest, Text, _Strict
+from server.workloads.common import MAX_INPUT_CHARS, last_user_text
 
 MAX_INPUTS = 256
-MAX_INPUT_CHARS = 400_000
-"""About 100 pages of text: long messages are chunked, never refused; past this, a 400."""
 
 Done = Callable[..., None]
 
@@ -73,11 +71,16 @@ def render(template: str, c: Classification) -> str:
     return out
 
 
+def is_json_template(template: str) -> bool:
+    """A template that renders JSON (``check_template`` holds it to that)."""
+    return template.lstrip().startswith(("{", "["))
+
+
 def check_template(template: str, labels: tuple[str, ...]) -> str | None:
     """A problem with ``template`` (for a config error), or None."""
     if "{label}" not in template:
         return "must contain {label}"
-    if template.lstrip().startswith(("{", "[")):
+    if is_json_template(template):
         for label in (*labels, ABSTAIN_LABEL):
             sample = Classification(label, 0.5, {lab: 0.25 for lab in labels}, label == ABSTAIN_LABEL, ["chest pain"])
             try:
@@ -114,13 +117,7 @@ class TriageWorkload:
 
     async def chat(self, req: ChatCompletionRequest, model_id: str, template: str, rid: str, receive: Receive | None,
                    answer: LocalAnswer, headers: dict[str, str], done: Done) -> Response:
-        text = next((m.text() for m in reversed(req.messages) if m.role == "user"), None)
-        if text is None or not text.strip():
-            raise InvalidRequest("A classifier answers the last user message, and this request has none "
-                                 "(or it is empty).", param="messages")
-        if len(text) > MAX_INPUT_CHARS:
-            raise InvalidRequest(f"The last user message has {len(text)} characters; at most {MAX_INPUT_CHARS} are "
-                                 "accepted.", param="messages")
+        text = last_user_text(req, "A classifier")
         out = await self.classify(model_id, [text], answer, receive)
         content = render(template, out.results[0])
         use = fmt.usage(out.tokens, 0)
