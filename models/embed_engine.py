@@ -179,3 +179,8 @@ class EmbedEngine(EngineThread):
         channels = [job.handle for job in self._jobs.values()]
         self._jobs.clear()
         return channels
+
+    def _reset(self) -> None:
+        b = self._batcher
+        self._batcher = DynamicBatcher(b.max_batch_requests, b.max_batch_tokens, b.max_wait_s, b.fill_wait_s)
+        self._in_flight = []

@@ -77,6 +77,10 @@ class EngineThread:
         self._outbox: Outbox | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._avg_seconds = 1.0
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self.busy_s = 0.0
+        """Engine-thread seconds spent working (from a wake-up to the step's post), not waiting."""
 
     @property
     def state(self) -> EngineState:
@@ -89,6 +93,14 @@ class EngineThread:
         self._state = EngineState.RUNNING
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
         self._thread.start()
+
+    def wait_started(self, timeout: float = 120.0) -> None:
+        """Block (loader thread) until the engine thread has run ``_thread_start``; raises what it
+        raised (the model then never becomes ready)."""
+        if not self._started.wait(timeout):
+            raise TimeoutError(f"engine {self.name} did not start within {timeout:g} s")
+        if self._start_error is not None:
+            raise self._start_error
 
     def _channel(self, request_id: int) -> Channel:
         assert self._loop is not None, "engine not started"
@@ -137,6 +149,13 @@ class EngineThread:
 
     # -- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._thread_start()
+        except Exception as exc:
+            self._start_error = exc
+            self._state = EngineState.STOPPED
+        finally:
+            self._started.set()
         sleep: float | None = None
         while True:
             with self._cv:
@@ -149,6 +168,7 @@ class EngineThread:
                     break
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+            started = time.perf_counter()
             batch: Batch = []
             try:
                 if inbox:
@@ -158,7 +178,7 @@ class EngineThread:
                 sleep = self._step(batch)
             except Exception as exc:  # a model failure must not kill the thread
                 log.exception("engine %s: step failed", self.name)
-                self._fail(batch, exc)
+                self._recover(batch, exc)
                 sleep = None
             with self._cv:
                 by_class = self._waiting()
@@ -167,12 +187,35 @@ class EngineThread:
                 self._waiting_by_class = by_class
             if self._outbox is not None:
                 self._outbox.post(batch)
+            self.busy_s += time.perf_counter() - started
         batch = [(ch, Final(None, error=EngineStopped("the server is shutting down"))) for ch in self._open_channels()]
         batch += [(self._entry_channel(e), Final(None, error=EngineStopped("the server is shutting down"))) for e in self._inbox]
         if self._outbox is not None:
             self._outbox.post(batch)
 
+    def _recover(self, batch: Batch, exc: Exception) -> None:
+        """After a failed step: ``_fail`` ends what the failure touched. If that fails too, every
+        open request gets an error and the subclass starts from a clean state (``_reset``): no
+        client is ever left waiting, and the thread keeps serving new requests."""
+        try:
+            self._fail(batch, exc)
+            return
+        except Exception:
+            log.exception("engine %s: could not contain a failed step; failing every open request", self.name)
+        answered = {id(channel) for channel, item in batch if isinstance(item, Final)}
+        error = EngineFailure(f"engine error: {type(exc).__name__}")
+        for channel in self._open_channels():
+            if id(channel) not in answered:
+                batch.append((channel, Final(None, error=error)))
+        try:
+            self._reset()
+        except Exception:
+            log.exception("engine %s: reset failed", self.name)
+
     # -- subclass hooks --------------------------------------------------------------------------
+    def _thread_start(self) -> None:
+        """First thing the engine thread does (before serving anything)."""
+
     def _accept(self, entries: list[Any], batch: Batch) -> None:
         raise NotImplementedError
 
@@ -202,6 +245,11 @@ class EngineThread:
         raise NotImplementedError
 
     def _open_channels(self) -> list[Channel]:
+        """Every request accepted and not yet answered (forgotten by the subclass)."""
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """Drop all per-request state after ``_open_channels`` (last-resort recovery)."""
         raise NotImplementedError
 
     def _close(self) -> None:

@@ -24,6 +24,8 @@ from models.textstream import TextStream
 
 
 class Runner(Protocol):
+    """What the engine needs of ``LlamaRunner`` (an optional ``warm_up()`` runs first, on the engine thread)."""
+
     def run(self, out: SchedulerOutput) -> dict[int, int]: ...
     def release(self, seq: Sequence) -> None: ...
     def clear_slot(self, slot: int) -> None: ...
@@ -70,9 +72,21 @@ class LlmEngine(EngineThread):
         return channel
 
     def status(self) -> dict[str, Any]:
-        return {**self._snapshot, "slots": self.config.num_slots, "kv_capacity": self.config.kv_capacity, **self.stats}
+        """Any thread (figures may be one step stale). ``busy_s`` is the engine thread's working
+        time and ``decode_s`` the part of it inside ``llama_decode``: the rest, per step
+        (``python_ms_per_step``), is this engine's own Python work between two decodes."""
+        steps = self.stats["steps"]
+        decode_s = getattr(self._runner, "decode_s", 0.0)
+        return {**self._snapshot, "slots": self.config.num_slots, "kv_capacity": self.config.kv_capacity, **self.stats,
+                "busy_s": round(self.busy_s, 3), "decode_s": round(decode_s, 3),
+                "python_ms_per_step": round((self.busy_s - decode_s) * 1000 / steps, 3) if steps else None}
 
     # -- engine thread ---------------------------------------------------------------------------
+    def _thread_start(self) -> None:
+        warm_up = getattr(self._runner, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
+
     def _accept(self, entries: list[_Live], batch: Batch) -> None:
         for live in entries:
             try:
@@ -164,6 +178,13 @@ class LlmEngine(EngineThread):
         channels = [live.channel for live in self._live.values()]
         self._live.clear()
         return channels
+
+    def _reset(self) -> None:
+        old, self._scheduler = self._scheduler, Scheduler(self.config)
+        for seq in [*old.running, *old.waiting]:
+            self._runner.release(seq)
+        for slot in range(self.config.num_slots):
+            self._runner.clear_slot(slot)
 
     def _close(self) -> None:
         self._runner.close()

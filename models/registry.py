@@ -206,6 +206,13 @@ class ModelRegistry:
         )
         engine = LlmEngine(spec.id, runner, config, model.pieces, model.eog, tuning.max_waiting)
         engine.start(loop)
+        try:
+            engine.wait_started()  # the warm-up decode runs on the engine thread (LlamaRunner.warm_up)
+        except BaseException:
+            engine.stop()
+            runner.close()
+            model.close()
+            raise
         entry.llm = model
         entry.engine = engine
         entry.context_length = min(tuning.max_context, config.max_seq_tokens)

@@ -29,6 +29,7 @@ import asyncio
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -433,7 +434,8 @@ def main() -> int:
     parser.add_argument("--compare", action="store_true", help="also run llama-cpp-python's server and llama-server")
     parser.add_argument("--levels", default="1,2,4,8,16")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level and server")
-    parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions per level (the duration is split)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved rounds per level (the duration is split)")
+    parser.add_argument("--ceiling", action="store_true", help="print llama-batched-bench's decode ceiling (built on demand)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--ctx-per-slot", type=int, default=4096)
@@ -494,30 +496,103 @@ def main() -> int:
                 servers[which] = start_llama_server(tmp, gguf, args.slots, args.ctx_per_slot, args.threads)
             s = servers[which]
             print(f"{s.name}: ready in {s.ready_s:.2f} s, RSS {s.rss_mb():.0f} MB", flush=True)
-        # Interleaved: each level runs against every server in turn, ``--reps`` times, the order
-        # reversed every other time, so that this shared machine's drifts hit them all alike.
+        # Interleaved: each level runs against every server in turn, ``--reps`` rounds, the order
+        # reversed every other round, so that this shared machine's drifts hit them all alike.
+        # Each round gives its own ratios; the report quotes their median.
         results: dict[str, list[dict[str, Any]]] = {k: [] for k in servers}
+        rounds: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in servers}
+        engine: list[dict[str, float]] = []
         order = list(servers)
         for c in levels:
-            merged: dict[str, Level] = {k: Level(c) for k in servers}
+            merged: dict[str, Level] = {k: Level(c, loop_cpu=0.0) for k in servers}
+            per_round: dict[str, list[dict[str, Any]]] = {k: [] for k in servers}
+            steps = [0.0, 0.0, 0.0]  # engine steps, busy s, decode s (Understudy)
             for rep in range(args.reps):
                 for which in (order if rep % 2 == 0 else order[::-1]):
+                    before = engine_status(servers[which]) if which == "understudy" else None
                     level = asyncio.run(run_level(servers[which], c, args.duration / args.reps, args.max_tokens))
+                    if before is not None:
+                        after = engine_status(servers[which])
+                        for i, key in enumerate(("steps", "busy_s", "decode_s")):
+                            steps[i] += after.get(key, 0) - before.get(key, 0)
+                    per_round[which].append(level.summary(args.max_tokens))
                     merged[which].replies += level.replies
                     merged[which].wall += level.wall
-                    merged[which].loop_cpu = (level.loop_cpu if rep == 0 else merged[which].loop_cpu + level.loop_cpu)
+                    merged[which].loop_cpu += level.loop_cpu
             for which in order:
                 row = merged[which].summary(args.max_tokens)
                 results[which].append(row)
+                rounds[which].append(per_round[which])
                 print(f"  c={c:<3} {servers[which].name:<24} {row['tok_s']:7.1f} tok/s, {row['done']} done, TTFT p50 {row['ttft50']:.3f} s, "
                       f"main thread {row['loop_ms_tok']:.3f} ms CPU/token", flush=True)
+            if "understudy" in servers and steps[0]:
+                engine.append({"c": c, "steps": steps[0], "python_ms": (steps[1] - steps[2]) * 1000 / steps[0],
+                               "decode_ms": steps[2] * 1000 / steps[0], "busy": steps[1]})
     finally:
         for s in servers.values():
             s.stop()
     for which, rows in results.items():
         print_levels(servers[which].name, rows)
-    print_comparison({servers[k].name if k != "understudy" else k: v for k, v in results.items()})
+    if engine:
+        print("\nUnderstudy's engine thread, per step (one llama_decode for every running sequence)")
+        print(f"  {'conc':>4} {'steps':>7} {'decode ms':>10} {'Python ms between decodes':>26}")
+        for e in engine:
+            print(f"  {e['c']:>4} {e['steps']:>7.0f} {e['decode_ms']:>10.2f} {e['python_ms']:>26.3f}")
+    names = {k: (servers[k].name if k != "understudy" else k) for k in results}
+    print_comparison({names[k]: v for k, v in results.items()})
+    print_round_ratios({names[k]: v for k, v in rounds.items()})
+    if "llama-server" in servers or args.ceiling:
+        print_ceiling(gguf, levels, args.threads, args.max_tokens)
     return 0
+
+
+def engine_status(server: Server) -> dict[str, Any]:
+    try:
+        models = httpx.get(server.url + "/admin/status", timeout=5).json()["models"]
+        return models[CHAT_MODEL]["engine"] or {}
+    except (httpx.HTTPError, KeyError, ValueError):
+        return {}
+
+
+def print_round_ratios(rounds: dict[str, list[list[dict[str, Any]]]]) -> None:
+    """Understudy / other, per round, and the median over rounds (the figure the targets use)."""
+    ours = rounds.get("understudy")
+    if not ours or len(ours[0]) < 2:
+        return
+    print("\nPer-round ratios, Understudy / other (median over rounds; tok/s > 1 and TTFT < 1 favour Understudy)")
+    for other, levels in rounds.items():
+        if other == "understudy":
+            continue
+        for mine, theirs in zip(ours, levels):
+            tok = [a["tok_s"] / b["tok_s"] for a, b in zip(mine, theirs) if b["tok_s"]]
+            ttft = [a["ttft50"] / b["ttft50"] for a, b in zip(mine, theirs) if b["ttft50"] == b["ttft50"] and b["ttft50"]]
+            print(f"  c={mine[0]['c']:<3} vs {other[:24]:<24} tok/s x{statistics.median(tok):.2f} "
+                  f"({', '.join(f'{r:.2f}' for r in tok)}); TTFT p50 x{statistics.median(ttft):.2f} "
+                  f"({', '.join(f'{r:.2f}' for r in ttft)})")
+
+
+def print_ceiling(gguf: Path, levels: list[int], threads: int, max_tokens: int) -> None:
+    """llama.cpp's own decode throughput with N sequences in one batch (``llama-batched-bench``):
+    the engine's ceiling, which no server on these kernels can pass."""
+    from build_llama_server import build
+
+    bindir = build(Path(os.environ.get("UNDERSTUDY_CACHE", Path.home() / ".cache/understudy")), os.cpu_count() or 2)
+    npl = ",".join(str(c) for c in levels)
+    out = subprocess.run([str(bindir / "llama-batched-bench"), "-m", str(gguf), "-c", str(max(levels) * (128 + max_tokens) + 256),
+                          "-b", "2048", "-ub", "512", "-npp", "128", "-ntg", str(max_tokens), "-npl", npl, "-t", str(threads),
+                          "-tb", str(threads)], capture_output=True, text=True, timeout=600)
+    rows = []
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and cells[0].isdigit():
+            rows.append((int(cells[2]), float(cells[7])))
+    if not rows:
+        print(f"\nllama-batched-bench gave no table (rc {out.returncode}): {out.stderr[-300:]}")
+        return
+    print(f"\nEngine ceiling: llama-batched-bench, 128-token prompts, {max_tokens} generated, {threads} threads "
+          "(decode tok/s with N sequences in one batch, no server)")
+    for n, tg in rows:
+        print(f"  {n:>4} sequences: {tg:7.1f} tok/s")
 
 
 if __name__ == "__main__":

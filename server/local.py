@@ -14,7 +14,6 @@ stream (``LocalAnswer.marker``). A workload's ``local_notice`` is appended to fr
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import functools
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from models.bridge import Channel, Delta, Final
 from models.catalog import ModelKind
@@ -46,15 +45,12 @@ from server.errors import (
     QueueTimeout,
 )
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from server.sse import DisconnectWatch, SseResponse
 
 T = TypeVar("T")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Done = Callable[[int, "int | None", "int | None"], None]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected while its request was queued or running."""
 
 
 @dataclass
@@ -111,41 +107,15 @@ def lookup_error(exc: ModelLookupError) -> ApiError:
     return ModelUnavailable(message[:1].upper() + message[1:], retry_after=None if exc.final else 5.0)
 
 
-async def wait_disconnect(receive: Receive) -> None:
-    """Returns when the client has gone (the request body must already have been read)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+def watching(receive: Receive | None) -> contextlib.AbstractContextManager[Any]:
+    """Watch for a disconnect over a block (no-op without ``receive``): ``ClientGone`` out of it."""
+    return DisconnectWatch(receive) if receive is not None else contextlib.nullcontext()
 
 
 async def or_disconnect(awaitable: Awaitable[T], receive: Receive) -> T:
     """Await ``awaitable`` unless the client disconnects first: then cancel it, raise ``ClientGone``."""
-    task = asyncio.ensure_future(awaitable)
-    gone = asyncio.ensure_future(wait_disconnect(receive))
-    try:
-        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except BaseException:
-        pass
-    raise ClientGone()
-
-
-async def until_items(channel: Channel, receive: Receive | None) -> list[Any]:
-    """``channel.get()``, cancelling the request if the client disconnects first."""
-    if receive is None:
-        return await channel.get()
-    try:
-        return await or_disconnect(channel.get(), receive)
-    except ClientGone:
-        channel.cancel()
-        raise
+    with DisconnectWatch(receive):
+        return await awaitable
 
 
 class LocalModels:
@@ -219,25 +189,36 @@ class LocalModels:
     async def complete(self, gen: Generation, channel: Channel, rid: str, receive: Receive | None,
                        answer: LocalAnswer) -> dict[str, Any]:
         parts: list[str] = []
-        while True:
-            for item in await until_items(channel, receive):
-                if isinstance(item, Delta):
-                    parts.append(item.text)
-                elif isinstance(item, Final):
-                    if item.error is not None:
-                        raise engine_error(item.error)
-                    if gen.sampling.grammar is not None and item.finish_reason == "length":
-                        parts.append(closing("".join(parts)))  # cut JSON still parses (finish_reason says length)
-                    if answer.notice:
-                        parts.append(answer.notice)
-                    use = fmt.usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
-                    body = fmt.completion_body(gen.chat, rid, gen.entry.id, "".join(parts), item.finish_reason or "stop", use)
-                    body["understudy"] = answer.marker()
-                    return body
+        try:
+            with watching(receive):
+                final = None
+                while final is None:
+                    for item in await channel.get():
+                        if isinstance(item, Delta):
+                            parts.append(item.text)
+                        elif isinstance(item, Final):
+                            final = item
+        finally:
+            channel.cancel()  # a no-op once answered; frees the slot of a client that went away
+        if final.error is not None:
+            raise engine_error(final.error)
+        if gen.sampling.grammar is not None and final.finish_reason == "length":
+            parts.append(closing("".join(parts)))  # cut JSON still parses (finish_reason says length)
+        if answer.notice:
+            parts.append(answer.notice)
+        use = fmt.usage(final.prompt_tokens, final.completion_tokens, final.cached_tokens)
+        body = fmt.completion_body(gen.chat, rid, gen.entry.id, "".join(parts), final.finish_reason or "stop", use)
+        body["understudy"] = answer.marker()
+        return body
 
     async def first_items(self, channel: Channel, receive: Receive | None) -> list[Any]:
         """Wait for the first output so that a queue timeout can still be an HTTP status."""
-        items = await until_items(channel, receive)
+        try:
+            with watching(receive):
+                items = await channel.get()
+        except BaseException:
+            channel.cancel()
+            raise
         for item in items:
             if isinstance(item, Final) and item.error is not None:
                 raise engine_error(item.error)
@@ -256,8 +237,7 @@ class LocalModels:
                 done(200, use["prompt_tokens"], use["completion_tokens"])
             return JSONResponse(body, headers=headers)
         first = await self.first_items(channel, receive)
-        return StreamingResponse(self.stream(gen, channel, rid, first, answer, done), media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **headers})
+        return SseResponse(self.stream(gen, channel, rid, first, answer, done), headers={**SSE_HEADERS, **headers})
 
     async def stream(self, gen: Generation, channel: Channel, rid: str, first: list[Any], answer: LocalAnswer,
                      done: Done | None = None) -> AsyncIterator[bytes]:

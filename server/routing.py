@@ -38,15 +38,16 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from models.catalog import ModelKind
 from server import openai_format as fmt
 from server.config import WorkloadConfig
 from server.errors import ApiError, InvalidRequest, UpstreamUnavailable
 from server.journal import Journal
-from server.local import SSE_HEADERS, ClientGone, LocalModels, or_disconnect
+from server.local import SSE_HEADERS, LocalModels, or_disconnect
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
+from server.sse import ClientGone, SseResponse
 from server.workloads.choose import local_answer, summarize_target, summary_plan, triage_model
 from server.workloads.summaries import SummariesWorkload, SummarizeRequest
 from server.workloads.triage import TriageRequest, TriageWorkload, is_json_template
@@ -213,8 +214,8 @@ class Router:
                             headers={**reply.headers, **self._headers(ex, "cloud", model)})
         opened = await or_disconnect(upstream.open_stream(ex.endpoint.path, content), request.receive)
         upstream.breaker.on_success()
-        return StreamingResponse(self._relay(ex, upstream, opened, model), media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **opened.headers, **self._headers(ex, "cloud", model)})
+        return SseResponse(self._relay(ex, upstream, opened, model),
+                           headers={**SSE_HEADERS, **opened.headers, **self._headers(ex, "cloud", model)})
 
     async def _relay(self, ex: Exchange, upstream: Upstream, stream: UpstreamStream, model: str | None) -> AsyncIterator[bytes]:
         """Relay a cloud stream event by event; a break becomes a terminal error event, never local text."""

@@ -201,3 +201,49 @@ def test_a_request_the_scheduler_refuses_fails_alone() -> None:
     assert isinstance(refused[1].error, InputTooLong) and "exceeds" in str(refused[1].error)
     assert first == ("Hello", first[1]) and first[1].finish_reason == "stop"
     assert last[0] == "Hello" and last[1].error is None
+
+
+class BrokenRunner(FakeRunner):
+    """A decode fails and so does the first wipe of a slot afterwards (``_fail`` itself raises)."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.broken = True
+        self.clear_failures = 1
+
+    def run(self, out: SchedulerOutput) -> dict[int, int]:
+        if self.broken and any(c.seq.output_tokens for c in out.chunks):
+            raise RuntimeError("llama_decode returned -3")
+        return super().run(out)
+
+    def clear_slot(self, slot: int) -> None:
+        if self.clear_failures:
+            self.clear_failures -= 1
+            raise RuntimeError("llama_memory_seq_rm failed")
+        super().clear_slot(slot)
+
+
+def test_when_recovery_fails_too_every_open_request_gets_an_error_and_the_engine_keeps_serving() -> None:
+    """Two requests running and one waiting when the failure hits, plus a cancellation queued
+    in the same wake: all three submitters get an answer (an error), none waits forever, and
+    the next request after the failure is served normally."""
+
+    async def go() -> tuple[list[Final], tuple[str, Final]]:
+        runner = BrokenRunner()
+        runner.next_token = script([1, 2, 3, 4])
+        eng = engine(runner, slots=2)
+        eng.start(asyncio.get_running_loop())
+        try:
+            channels = [eng.submit([5, 6], 10, SamplingParams()) for _ in range(3)]
+            cancelled = eng.submit([7, 8], 10, SamplingParams())
+            cancelled.cancel()
+            finals = [f for _, f in await asyncio.wait_for(asyncio.gather(*[collect(c) for c in channels]), 10)]
+            runner.broken = False
+            after = await asyncio.wait_for(collect(eng.submit([5, 6], 10, SamplingParams())), 10)
+            return finals, after
+        finally:
+            await asyncio.to_thread(eng.stop)
+
+    finals, after = asyncio.run(go())
+    assert all(isinstance(f.error, EngineFailure) for f in finals)
+    assert after[0] == "Hello world" and after[1].error is None and after[1].finish_reason == "stop"

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from models.bridge import Delta, Final
 from models.catalog import ModelKind
@@ -41,6 +41,7 @@ from server import openai_format as fmt
 from server.errors import InvalidRequest
 from server.local import SSE_HEADERS, LocalAnswer, LocalModels, Receive, engine_error
 from server.schemas import ChatCompletionRequest, Text, _Strict
+from server.sse import SseResponse
 from server.workloads.common import MAX_INPUT_CHARS, last_user_text
 
 DEFAULT_MAX_WORDS = 150
@@ -304,7 +305,7 @@ class SummariesWorkload:
                 yield fmt.sse(summary.body(model, plan.answer)) + fmt.DONE
             finally:
                 done(status, summary.prompt_tokens, summary.completion_tokens, provenance=summary.provenance(self._hashes(plan)))
-        return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        return SseResponse(events(), headers={**SSE_HEADERS, **headers})
 
     async def chat(self, req: ChatCompletionRequest, plan: Plan, rid: str, receive: Receive | None,
                    headers: dict[str, str], done: Done) -> Response:
@@ -340,7 +341,7 @@ class SummariesWorkload:
                 yield out + fmt.DONE
             finally:
                 done(status, summary.prompt_tokens, summary.completion_tokens, provenance=summary.provenance(self._hashes(plan)))
-        return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        return SseResponse(events(), headers={**SSE_HEADERS, **headers})
 
 
 

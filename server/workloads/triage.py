@@ -20,12 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field, field_validator
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from models.classifier import ABSTAIN_LABEL, Classification, Classified
 from server import openai_format as fmt
 from server.local import SSE_HEADERS, LocalAnswer, LocalModels, Receive
 from server.schemas import ChatCompletionRequest, Text, _Strict
+from server.sse import SseResponse
 from server.workloads.common import MAX_INPUT_CHARS, last_user_text
 
 MAX_INPUTS = 256
@@ -135,4 +136,4 @@ class TriageWorkload:
         async def body_iter() -> Any:
             yield payload + fmt.DONE
 
-        return StreamingResponse(body_iter(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        return SseResponse(body_iter(), headers={**SSE_HEADERS, **headers})
