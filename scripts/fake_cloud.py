@@ -21,6 +21,10 @@ fields as JSON):
 | ``cut``       | streams send ``after`` chunks, then the connection is closed          |
 | ``stall``     | streams send ``after`` chunks, then nothing more (connection kept)     |
 | ``malformed`` | streams send ``after`` chunks, then a line that is not valid SSE/JSON  |
+| ``slow``      | completions: headers (and a stream's role-only chunk) at once, the first content after ``delay`` s, the rest at the normal pace; a non-streamed answer after ``delay`` s |
+| ``trickle``   | completions: headers and the role-only chunk at once, then one content token every ``delay`` s |
+
+``slow`` and ``trickle`` leave ``GET /v1/models`` (the probes) fast, as in a brownout.
 
 The model ``invalid-for-cloud`` gets a 400; ``echo-auth`` gets a 400 whose message quotes the
 Authorization header it received (as real providers quote a wrong key); ``odd-usage`` gets an
@@ -51,6 +55,7 @@ class Fault:
     retry_after: float | None = None
     after: int = 2
     only_path: str | None = None
+    delay: float = 0.0
 
 
 @dataclass
@@ -98,12 +103,12 @@ class FakeCloud:
             self._thread.join(10)
 
     def set_fault(self, mode: str, status: int = 500, count: int = 1_000_000, retry_after: float | None = None,
-                  after: int = 2, only_path: str | None = None, drop_connections: bool = True) -> None:
+                  after: int = 2, only_path: str | None = None, drop_connections: bool = True, delay: float = 0.0) -> None:
         """Switch behaviour. ``refuse`` closes the listening socket; leaving it re-opens the same port.
         ``only_path`` limits an HTTP-level fault to one path (e.g. not the probes' ``/v1/models``).
         ``drop_connections`` also closes open keep-alive connections (a process that died would)."""
         assert self._loop is not None
-        fault = Fault(mode, status, count, retry_after, after, only_path)
+        fault = Fault(mode, status, count, retry_after, after, only_path, delay)
         fut = asyncio.run_coroutine_threadsafe(self._apply(fault, drop_connections), self._loop)
         fut.result(10)
 
@@ -235,6 +240,8 @@ class FakeCloud:
         rid = f"chatcmpl-cloud{int(time.time() * 1000)}"
         usage = {"prompt_tokens": 9, "completion_tokens": len(words), "total_tokens": 9 + len(words)}
         if not body.get("stream"):
+            if fault.mode in ("slow", "trickle"):
+                await asyncio.sleep(fault.delay * (1 if fault.mode == "slow" else max(1, len(words))))
             text = "".join(words)
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}
@@ -254,6 +261,9 @@ class FakeCloud:
             events.append({"index": 0, "delta": {"content": w}, "finish_reason": None} if chat else {"index": 0, "text": w, "finish_reason": None})
         events.append({"index": 0, "delta": {}, "finish_reason": "stop"} if chat else {"index": 0, "text": "", "finish_reason": "stop"})
         for i, choice in enumerate(events):
+            content = i > 0 or not chat  # a chat stream's first event is the role-only chunk
+            if fault.mode == "trickle" and content or fault.mode == "slow" and i == (1 if chat else 0):
+                await asyncio.sleep(fault.delay)
             if fault.mode in ("cut", "stall", "malformed") and i == fault.after:
                 if fault.mode == "cut":
                     writer.transport.abort()

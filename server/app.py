@@ -189,7 +189,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
 
     async def cloud_models() -> list[dict[str, Any]]:
         up = upstreams.default
-        if up is None or up.breaker.state.value != "closed":
+        if up is None or up.breaker.state.value not in ("closed", "slow"):
             return []
         try:
             data = await up.get_json("models")

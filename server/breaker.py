@@ -6,6 +6,9 @@ States (``BreakerState``)::
     OPEN ──(open time elapsed, or the prober saw the upstream answer)──▶ HALF_OPEN
     HALF_OPEN ──(the single trial succeeds)──▶ CLOSED
     HALF_OPEN ──(the trial fails)──▶ OPEN, for longer
+    CLOSED ──(enter_slow: first tokens far slower than usual)──▶ SLOW
+    SLOW ──(leave_slow: a trial or the recent calls are fast again)──▶ CLOSED
+    SLOW ──(failures, as in CLOSED)──▶ OPEN
     any ──(429 with Retry-After)──▶ OPEN until at least now + Retry-After (a second 429 extends it)
 
 - Failures are transport errors, timeouts and 5xx. A 4xx is a success as far as the breaker is
@@ -14,6 +17,11 @@ States (``BreakerState``)::
   ``open_max_s``; it resets when the breaker closes.
 - HALF_OPEN lets exactly one trial through (``try_acquire`` returns True once); the trial's
   owner must report ``on_success``, ``on_failure`` or ``on_abandon``.
+- SLOW (the upstream answers, but its first tokens come far later than its own baseline: the
+  verdict is ``server.failover.planner.slow_verdict``): covered workloads answer locally first;
+  ``try_acquire`` hands out one trial at a time, at most one per ``trial_interval_s``, which
+  the router sends to the cloud with a deadline (hedged), and whose first token decides
+  whether the upstream is back to normal. Uncovered workloads keep using the cloud.
 
 Called from the event loop only (router and prober); no locks, nothing held across an await.
 Every transition calls ``listener(old, new, reason)`` (the journal records them).
@@ -32,6 +40,7 @@ class BreakerState(str, enum.Enum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+    SLOW = "slow"
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,8 @@ class BreakerConfig:
     open_base_s: float = 5.0
     open_max_s: float = 300.0
     jitter: float = 0.2
+    trial_interval_s: float = 1.0
+    """SLOW: the least time between two trials (the upstream's ``probe_interval_open_s``)."""
 
 
 Listener = Callable[[BreakerState, BreakerState, str], None]
@@ -69,6 +80,7 @@ class CircuitBreaker:
         self._open_until = 0.0
         self._trial_in_flight = False
         self._hold_until = 0.0  # a 429's Retry-After: no probe may shorten it
+        self._last_trial = float("-inf")
         self.last_reason = ""
 
     # -- queries ---------------------------------------------------------------------------------
@@ -93,6 +105,12 @@ class CircuitBreaker:
         if state is BreakerState.HALF_OPEN and not self._trial_in_flight:
             self._trial_in_flight = True
             return True
+        if state is BreakerState.SLOW and not self._trial_in_flight:
+            now = self._clock()
+            if now - self._last_trial >= self.config.trial_interval_s:
+                self._trial_in_flight = True
+                self._last_trial = now
+                return True
         return False
 
     def on_success(self) -> None:
@@ -103,7 +121,8 @@ class CircuitBreaker:
             self._consecutive = 0
             self._calls.clear()
             self._move(BreakerState.CLOSED, "trial succeeded")
-        elif self._state is BreakerState.CLOSED:
+        elif self._state in (BreakerState.CLOSED, BreakerState.SLOW):
+            self._trial_in_flight = False
             self._consecutive = 0
             self._record(now, failed=False)
 
@@ -113,7 +132,8 @@ class CircuitBreaker:
         if self._state is BreakerState.HALF_OPEN:
             self._trial_in_flight = False
             self._trip(now, f"trial failed: {reason}")
-        elif self._state is BreakerState.CLOSED:
+        elif self._state in (BreakerState.CLOSED, BreakerState.SLOW):
+            self._trial_in_flight = False
             self._consecutive += 1
             self._record(now, failed=True)
             failures = sum(1 for _, failed in self._calls if failed)
@@ -136,8 +156,23 @@ class CircuitBreaker:
             self._move(BreakerState.OPEN, f"rate limited for {wait:g} s")
 
     def on_abandon(self) -> None:
-        """The trial's caller gave up without an answer (client gone): let another trial through."""
+        """The caller gave up without an answer (client gone, or the local answer won the race):
+        neither a success nor a failure; let another trial through."""
         self._trial_in_flight = False
+
+    def enter_slow(self, why: str) -> None:
+        """CLOSED → SLOW (the planner's slow verdict)."""
+        if self._state is BreakerState.CLOSED:
+            self.last_reason = "slow_upstream"
+            self._trial_in_flight = False
+            self._last_trial = self._clock()  # the first trial comes one interval later
+            self._move(BreakerState.SLOW, why)
+
+    def leave_slow(self, why: str) -> None:
+        """SLOW → CLOSED: a trial's first token (or the recent calls) came fast again."""
+        if self._state is BreakerState.SLOW:
+            self._trial_in_flight = False
+            self._move(BreakerState.CLOSED, why)
 
     def on_probe_ok(self) -> None:
         """The active prober reached the upstream while OPEN: try it now instead of waiting

@@ -46,6 +46,37 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class SlowPolicy:
+    """When an upstream is judged slow (``server.failover.planner.slow_verdict``): its last
+    ``min_samples`` first-token observations (all younger than ``window_s``) have a median above
+    ``multiple`` × its baseline (the median of the last hour while it was normal) and above
+    ``floor_s``; with no baseline yet, above ``cold_s``. With 3, two slow calls out of the last
+    three are enough; two fast ones out of three end it."""
+
+    multiple: float = 3.0
+    window_s: float = 30.0
+    min_samples: int = 3
+    floor_s: float = 1.0
+    cold_s: float = 3.0
+
+
+@dataclass(frozen=True)
+class HedgePolicy:
+    """A covered workload's first-token deadline and hedging budget (``server.failover``).
+
+    ``deadline_s`` None is ``"auto"``: the p95 of this upstream's recent first-content-token
+    latencies for the workload (streamed and not streamed apart) × ``margin``, clamped to
+    ``[min_s, max_s]``; ``max_s`` until ``MIN_SAMPLES`` exist. ``budget``: the share of the
+    local model's slots that hedges may hold at once (at least one)."""
+
+    deadline_s: float | None = None
+    min_s: float = 2.0
+    max_s: float = 3.5
+    margin: float = 1.5
+    budget: float = 0.2
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     name: str
     base_url: str
@@ -59,6 +90,7 @@ class UpstreamConfig:
     probe_timeout_s: float = 2.0
     default: bool = False
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    slow: SlowPolicy = field(default_factory=SlowPolicy)
 
 
 DEFAULT_OUTPUT_TEMPLATE = '{"label": "{label}", "confidence": {confidence}}'
@@ -90,6 +122,8 @@ class WorkloadConfig:
     """Summaries: the embedding model that picks sentences and checks an LLM's (default minilm-l6-v2)."""
     max_words: int = 150
     """Summaries: the default length of a summary."""
+    hedge: HedgePolicy = field(default_factory=HedgePolicy)
+    """Covered workloads: the first-token deadline after which the local answer is started too."""
 
     @property
     def covered(self) -> bool:
@@ -259,6 +293,14 @@ def _model(model_id: str, table: dict[str, Any], base: Path, embedded: dict[str,
 
 _UPSTREAM_FLOATS = ("connect_timeout_s", "first_byte_timeout_s", "read_timeout_s", "probe_interval_s",
                     "probe_interval_open_s", "probe_timeout_s")
+_SLOW_KEYS: dict[str, tuple[str, type]] = {
+    "slow_multiple": ("multiple", float), "slow_window_s": ("window_s", float), "slow_min_samples": ("min_samples", int),
+    "slow_floor_s": ("floor_s", float), "slow_cold_s": ("cold_s", float),
+}
+_HEDGE_KEYS: dict[str, tuple[str, type]] = {
+    "deadline_min_s": ("min_s", float), "deadline_max_s": ("max_s", float), "deadline_margin": ("margin", float),
+    "hedge_budget": ("budget", float),
+}
 _BREAKER_KEYS: dict[str, type] = {
     "failure_threshold": int, "failure_rate": float, "failure_window_s": float, "failure_min_calls": int,
     "open_base_s": float, "open_max_s": float,
@@ -269,7 +311,7 @@ def _upstream(i: int, table: Any, env: dict[str, str]) -> UpstreamConfig:
     where = f"upstreams[{i}]"
     if not isinstance(table, dict):
         raise ConfigError(where, "must be a table ([[upstreams]] with name and base_url)")
-    _no_unknown(table, {"name", "base_url", "api_key_env", "default", *_UPSTREAM_FLOATS, *_BREAKER_KEYS}, where)
+    _no_unknown(table, {"name", "base_url", "api_key_env", "default", *_UPSTREAM_FLOATS, *_BREAKER_KEYS, *_SLOW_KEYS}, where)
     name = _take(table, "name", str, where, required=True)
     url = _take(table, "base_url", str, where, required=True).rstrip("/")
     if not url.startswith(("http://", "https://")) or not url.endswith("/v1"):
@@ -286,10 +328,37 @@ def _upstream(i: int, table: Any, env: dict[str, str]) -> UpstreamConfig:
         raise ConfigError(f"{where}.failure_rate", "must be between 0 and 1")
     names = {"failure_window_s": "window_s", "failure_min_calls": "min_calls"}
     breaker_config = replace(BreakerConfig(), **{names.get(k, k): v for k, v in breaker.items() if v is not None})
+    slow = {attr: _positive(_take(table, k, kind, where), f"{where}.{k}") for k, (attr, kind) in _SLOW_KEYS.items()}
+    if slow["multiple"] is not None and slow["multiple"] <= 1:
+        raise ConfigError(f"{where}.slow_multiple", f"must be greater than 1, got {slow['multiple']}")
     return UpstreamConfig(
         name=name, base_url=url, api_key=key, api_key_env=key_env, default=_take(table, "default", bool, where, False),
-        breaker=breaker_config, **{k: v for k, v in floats.items() if v is not None},
+        breaker=breaker_config, slow=replace(SlowPolicy(), **{k: v for k, v in slow.items() if v is not None}),
+        **{k: v for k, v in floats.items() if v is not None},
     )
+
+
+def _hedge(table: dict[str, Any], where: str, covered: bool) -> HedgePolicy:
+    keys = ["first_token_deadline_s", *_HEDGE_KEYS]
+    if not covered:
+        for key in keys:
+            if key in table:
+                raise ConfigError(f"{where}.{key}", "only applies to a covered workload (fallback = 'local'); an uncovered "
+                                  "one waits for its upstream's own timeouts")
+        return HedgePolicy()
+    raw = table.get("first_token_deadline_s", "auto")
+    deadline: float | None = None
+    if raw != "auto":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"{where}.first_token_deadline_s", f"expected a number of seconds or \"auto\", got {raw!r}")
+        deadline = _positive(float(raw), f"{where}.first_token_deadline_s")
+    values = {attr: _positive(_take(table, k, kind, where), f"{where}.{k}") for k, (attr, kind) in _HEDGE_KEYS.items()}
+    policy = replace(HedgePolicy(deadline_s=deadline), **{k: v for k, v in values.items() if v is not None})
+    if policy.min_s > policy.max_s:
+        raise ConfigError(f"{where}.deadline_min_s", f"must not be above deadline_max_s ({policy.min_s:g} > {policy.max_s:g})")
+    if policy.budget > 1:
+        raise ConfigError(f"{where}.hedge_budget", f"is a share of the local slots, between 0 and 1, got {policy.budget:g}")
+    return policy
 
 
 def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: dict[str, ModelSpec]) -> WorkloadConfig:
@@ -298,7 +367,7 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
         raise ConfigError(where, "must be a table ([[workloads]] with name, ...)")
     _no_unknown(table, {"name", "models", "upstream", "cloud_model", "fallback", "local_model", "system_prompt",
                         "cloud_system_prompt", "priority", "output_template", "local_notice", "summary_method",
-                        "embedding_model", "max_words"}, where)
+                        "embedding_model", "max_words", "first_token_deadline_s", *_HEDGE_KEYS}, where)
     name = _take(table, "name", str, where, required=True)
     names = _take(table, "models", list, where, [])
     if not all(isinstance(m, str) and m for m in names):
@@ -345,6 +414,7 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
         cloud_system_prompt=_take(table, "cloud_system_prompt", str, where), priority=priority,
         output_template=template or DEFAULT_OUTPUT_TEMPLATE, local_notice=notice,
         summary_method=method, embedding_model=embedding, max_words=max_words,
+        hedge=_hedge(table, where, fallback == "local"),
     )
 
 

@@ -42,29 +42,38 @@ from starlette.responses import JSONResponse, Response
 
 from models.catalog import ModelKind
 from server import openai_format as fmt
+from server.breaker import BreakerState, CircuitBreaker
 from server.config import WorkloadConfig
 from server.errors import ApiError, InvalidRequest, UpstreamUnavailable
 from server.journal import Journal
-from server.local import SSE_HEADERS, LocalModels, or_disconnect
+from server.failover.attempt import Attempt
+from server.failover.health import Health
+from server.failover.planner import First, LocalLoad, choose, may_hedge
+from server.failover.race import CloudReady, Gate, Outcome, cloud_first_content, race
+from server.local import SSE_HEADERS, LocalModels, Receive
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
-from server.sse import ClientGone, SseResponse
+from server.sse import ClientGone, DisconnectWatch, SseResponse
 from server.workloads.choose import local_answer, summarize_target, summary_plan, triage_model
 from server.workloads.summaries import SummariesWorkload, SummarizeRequest
+from server.upstream import Upstream, UpstreamError, UpstreamRejected, UpstreamSet
 from server.workloads.triage import TriageRequest, TriageWorkload, is_json_template
-from server.upstream import (
-    Upstream,
-    UpstreamError,
-    UpstreamRateLimited,
-    UpstreamRejected,
-    UpstreamSet,
-    UpstreamStream,
-)
 
 ROUTE = "X-Understudy-Route"
 MODEL = "X-Understudy-Model"
 REASON = "X-Understudy-Fallback-Reason"
 WORKLOAD = "X-Understudy-Workload"
 _INLINE_PREPARE_BYTES = 64 * 1024
+
+
+def _never(elapsed: float) -> None:
+    return None
+
+
+async def _close_response(response: Response) -> None:
+    """A local answer that lost the race after it was ready: abort its stream (frees the slot)."""
+    body = getattr(response, "body_iterator", None)
+    if body is not None:
+        await body.aclose()
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -114,6 +123,9 @@ class Router:
         self._clock = clock
         self.triage = TriageWorkload(local)
         self.summaries = SummariesWorkload(local)
+        self.health = {name: Health(u.breaker, u.config.slow, clock) for name, u in upstreams.by_name.items()}
+        self._hedges: dict[str, int] = {}
+        """Speculative local answers running now, per local model (the hedge budget's count)."""
 
     # -- entry point -----------------------------------------------------------------------------
     def workload_for(self, header: str | None, model: Any) -> WorkloadConfig | None:
@@ -135,15 +147,15 @@ class Router:
                 return await self._summarize_api(ex, request, body)
             wl = ex.workload = self.workload_for(request.headers.get("x-workload"), model)
             if wl is not None and wl.local_only:
-                return await self._local(ex, request, body, wl.local_model, None)
+                return await self._local(ex, request.receive, body, wl.local_model, None)
             if wl is None:
                 default = self.upstreams.default
                 if default is None or not isinstance(model, str) or self.local.registry.get(model) is not None:
-                    return await self._local(ex, request, body, model, None)
+                    return await self._local(ex, request.receive, body, model, None)
                 return await self._via_upstream(ex, request, raw, body, default)
             upstream = self.upstreams.get(wl.upstream)
             if upstream is None:
-                return await self._local(ex, request, body, wl.local_model, None)
+                return await self._local(ex, request.receive, body, wl.local_model, None)
             return await self._via_upstream(ex, request, raw, body, upstream)
         except ClientGone:
             self._record(ex, "none", None, "client_gone", 499)
@@ -161,23 +173,111 @@ class Router:
     async def _via_upstream(self, ex: Exchange, request: Request, raw: bytes, body: dict[str, Any], upstream: Upstream) -> Response:
         ex.upstream = upstream.name
         breaker = upstream.breaker
-        if not breaker.try_acquire():
-            reason = "rate_limited" if breaker.last_reason == "rate_limited" else "circuit_open"
-            return await self._fallback(ex, request, body, upstream, reason)
+        wl = ex.workload
+        covered = wl is not None and wl.covered
+        state = breaker.state
+        # Only a request that could use it asks for a trial (asking may hand it out).
+        acquired = breaker.try_acquire() if covered or state is not BreakerState.SLOW else False
+        choice = choose(covered, state, acquired, breaker.last_reason == "rate_limited")
+        if choice.first is not First.CLOUD:
+            assert choice.reason is not None
+            return await self._fallback(ex, request.receive, body, upstream, choice.reason)
+        attempt = Attempt(breaker)
         try:
-            return await self._cloud(ex, request, raw, body, upstream)
-        except UpstreamRejected as exc:
-            breaker.on_success()
-            return self._relay_rejection(ex, upstream, exc, body)
-        except UpstreamRateLimited as exc:
-            breaker.on_rate_limited(exc.retry_after)
-            return await self._fallback(ex, request, body, upstream, exc.reason)
-        except UpstreamError as exc:
-            breaker.on_failure(exc.reason)
-            return await self._fallback(ex, request, body, upstream, exc.reason)
+            with DisconnectWatch(request.receive):
+                return await self._cloud(ex, raw, body, upstream, attempt, choice.trial)
+        finally:
+            attempt.abandon()  # a client gone, a lost race or a bug: never leave a trial taken
+
+    async def _cloud(self, ex: Exchange, raw: bytes, body: dict[str, Any], upstream: Upstream, attempt: Attempt,
+                     trial: bool) -> Response:
+        """The cloud attempt; for a covered workload, raced against the local answer when the
+        cloud misses its first-token deadline or fails (``server.failover.race``)."""
+        ex.route = "cloud"
+        content, model = self._cloud_payload(ex, raw, body)
+        streamed = body.get("stream") is True
+        wl = ex.workload
+        health = self.health[upstream.name]
+        breaker = upstream.breaker
+        covered = wl is not None and wl.covered
+        cloud = cloud_first_content(upstream, ex.endpoint.path, content, streamed, self._clock)
+        outcome: Outcome[Response] = Outcome()
+        try:
+            if covered:
+                assert wl is not None
+                deadline = health.deadline(wl.hedge, wl.name, streamed)
+                outcome = await race(cloud, lambda reason: self._local(ex, None, body, wl.local_model, reason),
+                                     self._gate(wl, breaker, deadline, trial), deadline, self._clock, _close_response,
+                                     on_hedge_end=functools.partial(self._hedge_ended, wl.local_model), outcome=outcome)
+            else:
+                outcome = await race(cloud, None, _never, None, self._clock, _close_response,
+                                     fail_fast=functools.partial(self._refuse_if_open, ex, upstream), outcome=outcome)
+        except UpstreamError as exc:  # uncovered: the cloud failed (a 503 follows)
+            attempt.failed(exc)
+            return await self._fallback(ex, None, body, upstream, exc.reason)
         except BaseException:
-            breaker.on_abandon()  # client gone, or a bug: never leave a half-open trial taken
+            if isinstance(outcome.cloud_error, UpstreamError):
+                attempt.failed(outcome.cloud_error)
             raise
+        if outcome.cloud is not None:
+            ready = outcome.cloud
+            ex.route = "cloud"
+            health.observe(wl.name if wl else None, streamed, ready.first_content_s, censored=False, trial=trial)
+            attempt.succeeded()
+            if ready.rejected is not None:
+                return self._relay_rejection(ex, upstream, ready.rejected, body)
+            return self._cloud_response(ex, upstream, ready, model)
+        assert outcome.local is not None
+        if isinstance(outcome.cloud_error, UpstreamError):
+            attempt.failed(outcome.cloud_error)
+        elif outcome.cloud_lost_after is not None:
+            health.observe(wl.name if wl else None, streamed, outcome.cloud_lost_after, censored=True, trial=trial)
+        return outcome.local
+
+    def _gate(self, wl: WorkloadConfig, breaker: CircuitBreaker, deadline: float, trial: bool) -> Gate:
+        """When a covered request's local side starts while its cloud attempt runs: at once if the
+        breaker opens meanwhile (a failover); past the deadline, as a hedge within the budget, or
+        without budget when the upstream is already judged slow (the local answer is then the
+        workload's normal answer, not a speculation)."""
+        model = wl.local_model
+        assert model is not None
+
+        def gate(elapsed: float) -> tuple[str, bool] | None:
+            state = breaker.state
+            if state in (BreakerState.OPEN, BreakerState.HALF_OPEN) and not trial:
+                return ("rate_limited" if breaker.last_reason == "rate_limited" else "circuit_open"), False
+            if elapsed < deadline:
+                return None
+            if trial or state is BreakerState.SLOW:
+                return "slow_upstream", False
+            if may_hedge(wl.hedge, self._local_load(model)):
+                self._hedges[model] = self._hedges.get(model, 0) + 1
+                return "slow_upstream", True
+            return None
+
+        return gate
+
+    def _local_load(self, model_id: str) -> LocalLoad:
+        entry = self.local.registry.get(model_id)
+        status = entry.engine.status() if entry is not None and entry.engine is not None else {}
+        return LocalLoad(slots=int(status.get("slots") or 8), waiting=int(status.get("waiting") or 0),
+                         hedges=self._hedges.get(model_id, 0))
+
+    def _hedge_ended(self, model_id: str | None) -> None:
+        if model_id is not None and self._hedges.get(model_id):
+            self._hedges[model_id] -= 1
+
+    def _refuse_if_open(self, ex: Exchange, upstream: Upstream, elapsed: float) -> ApiError | None:
+        """An uncovered request still waiting for its cloud when the breaker opens: a 503 now."""
+        if upstream.breaker.state is not BreakerState.OPEN:
+            return None
+        reason = "rate_limited" if upstream.breaker.last_reason == "rate_limited" else "circuit_open"
+        ex.route = "none"
+        self._record(ex, "none", None, reason, 503)
+        return UpstreamUnavailable(
+            f"The upstream '{upstream.name}' became unavailable while this request waited ({reason}) and this request "
+            "has no local fallback. Retry after the indicated delay.",
+            retry_after=max(1.0, upstream.breaker.retry_after()), headers={ROUTE: "none", REASON: reason})
 
     def _cloud_payload(self, ex: Exchange, raw: bytes, body: dict[str, Any]) -> tuple[bytes, str | None]:
         wl = ex.workload
@@ -201,27 +301,23 @@ class Router:
             headers[WORKLOAD] = ex.workload.name
         return headers
 
-    async def _cloud(self, ex: Exchange, request: Request, raw: bytes, body: dict[str, Any], upstream: Upstream) -> Response:
-        ex.route = "cloud"
-        content, model = self._cloud_payload(ex, raw, body)
-        stream = body.get("stream") is True
-        if not stream:
-            reply = await or_disconnect(upstream.post(ex.endpoint.path, content), request.receive)
-            upstream.breaker.on_success()
+    def _cloud_response(self, ex: Exchange, upstream: Upstream, ready: CloudReady, model: str | None) -> Response:
+        headers = self._headers(ex, "cloud", model)
+        if ready.reply is not None:
+            reply = ready.reply
             usage = reply.usage or {}
             self._record(ex, "cloud", model, None, reply.status, usage.get("prompt_tokens"), usage.get("completion_tokens"))
-            return Response(reply.body, status_code=reply.status, media_type="application/json",
-                            headers={**reply.headers, **self._headers(ex, "cloud", model)})
-        opened = await or_disconnect(upstream.open_stream(ex.endpoint.path, content), request.receive)
-        upstream.breaker.on_success()
-        return SseResponse(self._relay(ex, upstream, opened, model),
-                           headers={**SSE_HEADERS, **opened.headers, **self._headers(ex, "cloud", model)})
+            return Response(reply.body, status_code=reply.status, media_type="application/json", headers={**reply.headers, **headers})
+        assert ready.stream is not None
+        return SseResponse(self._relay(ex, upstream, ready, model), headers={**SSE_HEADERS, **ready.stream.headers, **headers})
 
-    async def _relay(self, ex: Exchange, upstream: Upstream, stream: UpstreamStream, model: str | None) -> AsyncIterator[bytes]:
+    async def _relay(self, ex: Exchange, upstream: Upstream, ready: CloudReady, model: str | None) -> AsyncIterator[bytes]:
         """Relay a cloud stream event by event; a break becomes a terminal error event, never local text."""
+        stream = ready.stream
+        assert stream is not None
         reason = None
         try:
-            yield stream.first
+            yield b"".join(ready.events)
             async for event in stream.events():
                 yield event
         except UpstreamError as exc:
@@ -250,11 +346,11 @@ class Router:
         return Response(exc.body, status_code=exc.status, media_type=exc.content_type, headers=self._headers(ex, "cloud", model))
 
     # -- failover --------------------------------------------------------------------------------
-    async def _fallback(self, ex: Exchange, request: Request, body: dict[str, Any], upstream: Upstream, reason: str) -> Response:
+    async def _fallback(self, ex: Exchange, receive: Receive | None, body: dict[str, Any], upstream: Upstream, reason: str) -> Response:
         ex.route = "none"
         wl = ex.workload
         if wl is not None and wl.covered:
-            return await self._local(ex, request, body, wl.local_model, reason)
+            return await self._local(ex, receive, body, wl.local_model, reason)
         retry = max(1.0, upstream.breaker.retry_after())
         who = f"workload '{wl.name}' has no local fallback" if wl is not None else "this model is only served by the cloud"
         self._record(ex, "none", None, reason, 503)
@@ -263,7 +359,7 @@ class Router:
             retry_after=retry, headers={ROUTE: "none", REASON: reason})
 
     # -- local -----------------------------------------------------------------------------------
-    async def _local(self, ex: Exchange, request: Request, body: dict[str, Any], model_id: Any, reason: str | None) -> Response:
+    async def _local(self, ex: Exchange, receive: Receive | None, body: dict[str, Any], model_id: Any, reason: str | None) -> Response:
         ex.route = "local"
         endpoint = ex.endpoint
         if isinstance(model_id, str) and body.get("model") != model_id:
@@ -271,16 +367,16 @@ class Router:
         wl = ex.workload
         entry = self.local.registry.get(model_id) if isinstance(model_id, str) else None
         if entry is not None and entry.spec.kind is ModelKind.CLASSIFIER and endpoint is CHAT and wl is not None:
-            return await self._classify_chat(ex, request, body, wl, reason)
+            return await self._classify_chat(ex, receive, body, wl, reason)
         if wl is not None and wl.summary_method is not None and endpoint is CHAT:
-            return await self._summarize_chat(ex, request, body, wl, reason)
+            return await self._summarize_chat(ex, receive, body, wl, reason)
         try:
             req = parse_request(endpoint.schema, body)
             headers = self._headers(ex, "local", req.model, reason)
             done = self._on_local_done(ex, req.model, reason)
             answer = local_answer(wl, req.model, reason)
             if endpoint is EMBEDDINGS:
-                out = await self.local.embed(req, req.model, request.receive, answer)
+                out = await self.local.embed(req, req.model, receive, answer)
                 done(200, out["usage"]["prompt_tokens"], None)
                 return JSONResponse(out, headers=headers)
             system = wl.system_prompt if wl is not None else None
@@ -293,7 +389,7 @@ class Router:
             gen = prepare() if ex.size < _INLINE_PREPARE_BYTES else await asyncio.to_thread(prepare)
         except InvalidRequest as exc:
             self._cannot_stand_in(ex, reason, exc)
-        return await self.local.respond(gen, ex.rid, req.stream, request.receive, headers, answer, done)
+        return await self.local.respond(gen, ex.rid, req.stream, receive, headers, answer, done)
 
     async def _triage_api(self, ex: Exchange, request: Request, body: dict[str, Any]) -> Response:
         ex.route = "local"
@@ -304,7 +400,7 @@ class Router:
         return await self.triage.api(req, model_id, request.receive, answer, self._headers(ex, "local", model_id),
                                      self._on_local_done(ex, model_id, None))
 
-    async def _classify_chat(self, ex: Exchange, request: Request, body: dict[str, Any], wl: WorkloadConfig,
+    async def _classify_chat(self, ex: Exchange, receive: Receive | None, body: dict[str, Any], wl: WorkloadConfig,
                              reason: str | None) -> Response:
         model_id = wl.local_model
         assert model_id is not None
@@ -313,7 +409,7 @@ class Router:
         try:
             req = parse_request(ChatCompletionRequest, {**body, "model": model_id})
             answer = local_answer(wl, model_id, reason, free_text=False)
-            return await self.triage.chat(req, model_id, wl.output_template, ex.rid, request.receive, answer,
+            return await self.triage.chat(req, model_id, wl.output_template, ex.rid, receive, answer,
                                           self._headers(ex, "local", model_id, reason), self._on_local_done(ex, model_id, reason))
         except InvalidRequest as exc:
             self._cannot_stand_in(ex, reason, exc)
@@ -332,7 +428,7 @@ class Router:
         return await self.summaries.api(req, plan, request.receive, self._headers(ex, "local", plan.model),
                                         self._on_local_done(ex, plan.model, None))
 
-    async def _summarize_chat(self, ex: Exchange, request: Request, body: dict[str, Any], wl: WorkloadConfig,
+    async def _summarize_chat(self, ex: Exchange, receive: Receive | None, body: dict[str, Any], wl: WorkloadConfig,
                               reason: str | None) -> Response:
         try:
             fmt_ = body.get("response_format")
@@ -341,7 +437,7 @@ class Router:
                                      param="response_format")
             req = parse_request(ChatCompletionRequest, {**body, "model": wl.local_model})
             plan = summary_plan(wl, None, None, reason, self.local.registry)
-            return await self.summaries.chat(req, plan, ex.rid, request.receive, self._headers(ex, "local", plan.model, reason),
+            return await self.summaries.chat(req, plan, ex.rid, receive, self._headers(ex, "local", plan.model, reason),
                                              self._on_local_done(ex, plan.model, reason))
         except InvalidRequest as exc:
             self._cannot_stand_in(ex, reason, exc)

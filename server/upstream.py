@@ -30,7 +30,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -185,7 +185,8 @@ class Upstream:
     ) -> None:
         self.config = config
         self.name = config.name
-        self.breaker = CircuitBreaker(config.name, config.breaker, clock, listener=listener)
+        breaker = replace(config.breaker, trial_interval_s=config.probe_interval_open_s)
+        self.breaker = CircuitBreaker(config.name, breaker, clock, listener=listener)
         timeout = httpx.Timeout(connect=config.connect_timeout_s, read=None, write=config.read_timeout_s, pool=config.connect_timeout_s)
         base = config.base_url.rstrip("/") + "/"
         self._headers = {"Accept": "application/json", "Content-Type": "application/json"}

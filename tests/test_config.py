@@ -139,3 +139,37 @@ def test_invalid_failover_config_names_the_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data, Path("."), env={})
     assert info.value.key == key
+
+
+_UP = [{"name": "a", "base_url": "http://x/v1"}]
+
+
+def _covered(**keys: object) -> dict:
+    return {"upstreams": _UP, "workloads": [{"name": "w", "fallback": "local", "local_model": SMOLLM2_ID, **keys}]}
+
+
+@pytest.mark.parametrize("data,key", [
+    (_covered(first_token_deadline_s=0), "workloads[0].first_token_deadline_s"),
+    (_covered(first_token_deadline_s=-1.5), "workloads[0].first_token_deadline_s"),
+    (_covered(first_token_deadline_s="soon"), "workloads[0].first_token_deadline_s"),
+    (_covered(deadline_min_s=5.0, deadline_max_s=3.0), "workloads[0].deadline_min_s"),
+    (_covered(deadline_max_s=0), "workloads[0].deadline_max_s"),
+    (_covered(hedge_budget=1.5), "workloads[0].hedge_budget"),
+    ({"upstreams": _UP, "workloads": [{"name": "w", "first_token_deadline_s": 2.0}]}, "workloads[0].first_token_deadline_s"),
+    ({"upstreams": [{**_UP[0], "slow_multiple": 0.5}]}, "upstreams[0].slow_multiple"),
+    ({"upstreams": [{**_UP[0], "slow_window_s": -1}]}, "upstreams[0].slow_window_s"),
+])
+def test_invalid_deadline_and_slow_settings_name_the_key(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, Path("."), env={})
+    assert info.value.key == key
+
+
+def test_deadline_settings_parse() -> None:
+    config = parse_config({**_covered(first_token_deadline_s=1.5, hedge_budget=0.5),
+                           "upstreams": [{**_UP[0], "slow_multiple": 4, "slow_min_samples": 5}]}, Path("."), env={})
+    wl = next(w for w in config.workloads if w.name == "w")
+    assert wl.hedge.deadline_s == 1.5 and wl.hedge.budget == 0.5 and wl.hedge.max_s == 3.5
+    assert config.upstreams[0].slow.multiple == 4.0 and config.upstreams[0].slow.min_samples == 5
+    auto = parse_config(_covered(first_token_deadline_s="auto"), Path("."), env={})
+    assert next(w for w in auto.workloads if w.name == "w").hedge.deadline_s is None
