@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Outage drill: steady load, the cloud dies, the cloud comes back. Prints what the clients saw.
 
-    .venv/bin/python scripts/outage_drill.py            # ~1 minute
+    .venv/bin/python scripts/outage_drill.py                 # refuse, hang, slow: ~3 minutes
+    .venv/bin/python scripts/outage_drill.py --kinds hang    # one kind of outage
     .venv/bin/python scripts/outage_drill.py --healthy 10 --outage 20 --recovery 10
 
 What it does, in one run on this machine:
@@ -13,11 +14,16 @@ What it does, in one run on this machine:
    difference.
 3. Steady load with the official ``openai`` client (streaming and not, alternating): a few
    clients per workload, each sending a request, then pausing briefly. After ``--healthy``
-   seconds the cloud is taken down (connections refused, open connections dropped, as when its
-   process dies); after ``--outage`` seconds it is brought back.
+   seconds the cloud fails, one way per kind of outage (``--kinds``), each with a fresh server:
+   ``refuse`` (connections refused, open connections dropped, as when its process dies),
+   ``hang`` (connections accepted, nothing ever answered, probes included), ``slow`` (a
+   brownout: the first token after ``--slow-delay`` s, probes still fast). After ``--outage``
+   seconds it is brought back.
 4. Prints requests sent / succeeded / failed and served locally by workload; time from the
-   outage to the breaker opening and to the first local answer; time from recovery to the first
-   cloud answer; p50/p99 latency before, during and after; and checks the issue's targets.
+   outage to the breaker opening (or judging the cloud slow) and to the first local answer; the
+   slowest covered first token during the outage against the first-token deadline; time from
+   recovery to the first cloud answer; p50/p99 latency before, during and after; the hedges
+   started while the cloud was healthy; and checks the targets of each kind.
 5. Triage is answered locally by the ``triage-minilm`` classifier over ``/v1/chat/completions``
    (the cloud is asked for the same JSON through ``cloud_system_prompt``): the drill checks that
    every local triage answer is the template's JSON with the right label, and calls
@@ -55,6 +61,11 @@ EXPECTED_LABEL = "emergent"
 WORKLOADS = {"triage": True, "summaries": True, "general": False}  # name -> covered
 MODELS = {"triage": "triage", "summaries": "summaries", "general": "gpt-4o"}
 CONNECT_TIMEOUT_S = 2.0
+FIRST_BYTE_TIMEOUT_S = 60.0  # the default: an uncovered request's own limit
+PROBE_INTERVAL_S = 5.0  # the default probe pace while healthy
+LOCAL_MARGIN_S = 1.0  # a local answer's own time on top of the deadline (classifier, extract, or first token)
+OUTAGES = {"refuse": ("refuse", "down: connections refused"), "hang": ("hang", "hung: connections accepted, never answered"),
+           "slow": ("slow", "slow: first token after the slow delay, probes still fast")}
 
 
 @dataclass
@@ -157,12 +168,14 @@ async def one_request(client: openai.AsyncOpenAI, workload: str, stream: bool, m
         h = exc.response.headers
         return Result(workload, started, time.monotonic(), False, h.get("x-understudy-route", "?"),
                       h.get("x-understudy-fallback-reason", ""), exc.status_code, "retry-after" in h, stream)
+    except openai.APITimeoutError:
+        return Result(workload, started, time.monotonic(), False, "?", "client_timeout", 0, False, stream)
     except openai.APIError as exc:
         return Result(workload, started, time.monotonic(), False, "?", type(exc).__name__, 0, False, stream)
 
 
 async def client_loop(base: str, workload: str, stop_at: float, out: list[Result], max_tokens: int, pause: float, seed: int) -> None:
-    client = openai.AsyncOpenAI(base_url=base, api_key="drill", max_retries=0, timeout=60)
+    client = openai.AsyncOpenAI(base_url=base, api_key="drill", max_retries=0, timeout=FIRST_BYTE_TIMEOUT_S + 30)
     stream = bool(seed % 2)
     try:
         while time.monotonic() < stop_at:
@@ -219,13 +232,19 @@ def measure_overhead(cloud_url: str, server_url: str, samples: int) -> tuple[lis
     return direct, via
 
 
-def report(results: list[Result], t_out: float, t_rec: float, t_end: float, states: list[tuple[float, str]],
-           direct: list[float], via: list[float], idle_ttft: float, triage_api: dict[str, object]) -> bool:
-    print("\n== Pass-through overhead (cloud healthy, non-streaming, official openai client, sequential)")
-    d50, v50 = statistics.median(direct), statistics.median(via)
-    print(f"   direct to fake cloud: p50 {ms(d50)}  p99 {ms(pct(direct, 99))}   ({len(direct)} requests)")
-    print(f"   through Understudy:   p50 {ms(v50)}  p99 {ms(pct(via, 99))}   ({len(via)} requests)")
-    print(f"   added latency p50:    {ms(v50 - d50)}")
+def report(kind: str, results: list[Result], t_out: float, t_rec: float, t_end: float, states: list[tuple[float, str]],
+           overhead: tuple[list[float], list[float]] | None, idle_ttft: float, triage_api: dict[str, object],
+           deadlines: dict[str, float], healthy: dict[str, int]) -> list[tuple[str, bool]]:
+    print(f"\n######## Outage kind: {kind} ({OUTAGES[kind][1]})")
+    added = float("nan")
+    if overhead is not None:
+        direct, via = overhead
+        print("\n== Pass-through overhead (cloud healthy, non-streaming, official openai client, sequential)")
+        d50, v50 = statistics.median(direct), statistics.median(via)
+        added = v50 - d50
+        print(f"   direct to fake cloud: p50 {ms(d50)}  p99 {ms(pct(direct, 99))}   ({len(direct)} requests)")
+        print(f"   through Understudy:   p50 {ms(v50)}  p99 {ms(pct(via, 99))}   ({len(via)} requests)")
+        print(f"   added latency p50:    {ms(added)}")
 
     print("\n== Requests by workload")
     print(f"   {'workload':<10} {'covered':<8} {'sent':>5} {'ok':>5} {'failed':>6} {'local':>6} {'503+Retry-After':>16} {'other failures':>15}")
@@ -241,10 +260,12 @@ def report(results: list[Result], t_out: float, t_rec: float, t_end: float, stat
     first_after = sorted((r for r in covered if r.started >= t_out), key=lambda r: r.started)
     cloud_after = sorted((r for r in covered if r.ok and r.route == "cloud" and r.started >= t_rec), key=lambda r: r.ended)
     opened = next((t for t, s in states if t >= t_out and s == "open"), None)
+    slow_at = next((t for t, s in states if t >= t_out and s == "slow"), None)
     closed_again = next((t for t, s in states if t >= t_rec and s == "closed"), None)
 
     print("\n== Outage timeline (t = 0 when the cloud went down)")
     print(f"   breaker open after:              {ms(opened - t_out) if opened else 'never'}")
+    print(f"   cloud judged slow after:         {ms(slow_at - t_out) if slow_at else 'never'}")
     if local_after:
         print(f"   first local answer after:        {ms(local_after[0].ended - t_out)}")
     if first_after:
@@ -289,25 +310,61 @@ def report(results: list[Result], t_out: float, t_rec: float, t_end: float, stat
 
     uncovered_failed = [r for r in results if not WORKLOADS[r.workload] and not r.ok]
     first_ttft = first_stream.ttft if first_stream is not None and first_stream.ttft is not None else float("inf")
+    during = [r for r in covered if t_out <= r.started < t_rec]
+    deadline = max(deadlines.values(), default=float("nan"))
+
+    def first_content(r: Result) -> float:
+        return r.ttft if r.stream and r.ttft is not None else r.latency
+
+    slowest = max((first_content(r) for r in during if r.ok), default=0.0)
+    limit = deadline + LOCAL_MARGIN_S
+    hedge_share = healthy["hedged"] / max(1, healthy["covered_cloud_attempts"])
+    print("\n== Deadlines and hedges")
+    print(f"   first-token deadline at the outage: {', '.join(f'{k} {v:.2f} s' for k, v in deadlines.items())}")
+    print(f"   slowest covered first content during the outage: {ms(slowest)} (deadline + local margin {ms(limit)})")
+    print(f"   hedges while the cloud was healthy: {healthy['hedged']} of {healthy['covered_cloud_attempts']} covered cloud "
+          f"requests ({hedge_share:.1%}), {healthy['hedges_won_by_local']} won by the local answer")
+    cloud_back = cloud_after[0].ended - t_rec if cloud_after else float("inf")
+    timeouts = sum(r.reason == "client_timeout" for r in results)
     checks = [
         ("covered workloads: 0 failed requests", sum(not r.ok for r in covered) == 0),
-        (f"first streamed request after the outage: local, first token within the connect timeout ({CONNECT_TIMEOUT_S:g} s) "
-         f"+ the local time to first token ({ms(first_ttft)} <= {ms(CONNECT_TIMEOUT_S + local_ttft)})",
-         first_stream is not None and first_stream.route == "local" and first_ttft <= CONNECT_TIMEOUT_S + local_ttft),
-        ("breaker knew within 1 s of the outage", opened is not None and opened - t_out <= 1.0),
-        (f"pass-through overhead p50 <= 2 ms ({ms(v50 - d50)})", v50 - d50 <= 0.002),
+        ("no client ever timed out", timeouts == 0),
         ("uncovered failures: all 503 + Retry-After + reason", all(r.status == 503 and r.retry_after and r.reason for r in uncovered_failed)),
-        (f"uncovered failures never hang past the connect timeout (max {ms(max((r.latency for r in uncovered_failed), default=0))})",
-         all(r.latency < CONNECT_TIMEOUT_S for r in uncovered_failed)),
         ("traffic failed back to the cloud after recovery", bool(cloud_after)),
-        (f"triage during the outage: every local answer is the template's JSON, labelled {EXPECTED_LABEL}",
-         bool(triage_local) and all(lab == EXPECTED_LABEL for lab in labels)),
-        ("/v1/triage answered during the outage", triage_api.get("label") == EXPECTED_LABEL),
+        (f"healthy cloud: hedges <= 2 % of covered requests ({hedge_share:.1%})", hedge_share <= 0.02),
     ]
+    if overhead is not None:
+        checks.append((f"pass-through overhead p50 <= 2 ms ({ms(added)})", added <= 0.002))
+    if kind == "refuse":
+        checks += [
+            (f"first streamed request after the outage: local, first token within the connect timeout ({CONNECT_TIMEOUT_S:g} s) "
+             f"+ the local time to first token ({ms(first_ttft)} <= {ms(CONNECT_TIMEOUT_S + local_ttft)})",
+             first_stream is not None and first_stream.route == "local" and first_ttft <= CONNECT_TIMEOUT_S + local_ttft),
+            ("breaker knew within 1 s of the outage", opened is not None and opened - t_out <= 1.0),
+            (f"uncovered failures never hang past the connect timeout (max {ms(max((r.latency for r in uncovered_failed), default=0))})",
+             all(r.latency < CONNECT_TIMEOUT_S for r in uncovered_failed)),
+            (f"triage during the outage: every local answer is the template's JSON, labelled {EXPECTED_LABEL}",
+             bool(triage_local) and all(lab == EXPECTED_LABEL for lab in labels)),
+            ("/v1/triage answered during the outage", triage_api.get("label") == EXPECTED_LABEL),
+        ]
+    else:
+        checks.append((f"every covered request during the outage had its first content within the deadline + local "
+                       f"margin ({ms(slowest)} <= {ms(limit)})", bool(during) and slowest <= limit))
+    if kind == "hang":
+        worst = max((r.latency for r in uncovered_failed), default=0.0)
+        checks.append((f"uncovered requests during the hang: a 503 once the breaker opened or the first-byte timeout "
+                       f"({FIRST_BYTE_TIMEOUT_S:g} s) passed, whichever first (max {ms(worst)})",
+                       all(r.latency <= FIRST_BYTE_TIMEOUT_S + 1 for r in uncovered_failed)))
+    if kind == "slow":
+        checks += [
+            ("the slow cloud was ejected (breaker state slow)", slow_at is not None),
+            (f"after recovery, covered traffic back on the cloud within one probe interval ({PROBE_INTERVAL_S:g} s): "
+             f"{ms(cloud_back)}", cloud_back <= PROBE_INTERVAL_S),
+        ]
     print("\n== Targets")
     for label, ok in checks:
         print(f"   [{'PASS' if ok else 'FAIL'}] {label}")
-    return all(ok for _, ok in checks)
+    return checks
 
 
 async def triage_during_outage(url: str) -> dict[str, object]:
@@ -321,7 +378,8 @@ async def triage_during_outage(url: str) -> dict[str, object]:
 
 
 async def load(url: str, t_out_offset: float, duration: float, clients: int, max_tokens: int, pause: float,
-               cloud: FakeCloud, outage: float) -> tuple[list[Result], float, float, float, list[tuple[float, str]], dict[str, object]]:
+               cloud: FakeCloud, outage: float, kind: str, slow_delay: float,
+               ) -> tuple[list[Result], float, float, float, list[tuple[float, str]], dict[str, object], dict[str, int], dict[str, float]]:
     results: list[Result] = []
     states: list[tuple[float, str]] = []
     start = time.monotonic()
@@ -330,32 +388,24 @@ async def load(url: str, t_out_offset: float, duration: float, clients: int, max
              for wl in WORKLOADS for i in range(clients)]
     tasks.append(asyncio.create_task(watch_breaker(url, stop_at, states)))
     await asyncio.sleep(t_out_offset)
+    status = await asyncio.to_thread(lambda: httpx.get(url + "/admin/status", timeout=10).json()["failover"])
+    healthy = {k: v for k, v in status.items() if isinstance(v, int)}
+    deadlines = {f"{wl} {k}": v for wl, d in status["first_token_deadline_s"].items() for k, v in d.items()}
     t_out = time.monotonic()
-    await asyncio.to_thread(cloud.set_fault, "refuse")
-    print(f"   t={t_out - start:5.1f} s  cloud down (connections refused)", flush=True)
+    await asyncio.to_thread(cloud.set_fault, kind, delay=slow_delay)
+    print(f"   t={t_out - start:5.1f} s  cloud {OUTAGES[kind][1]}", flush=True)
     await asyncio.sleep(outage / 2)
     triage_api = await triage_during_outage(url)
     await asyncio.sleep(outage / 2)
     t_rec = time.monotonic()
-    await asyncio.to_thread(cloud.set_fault, "ok")
+    # A crawling cloud recovers without dropping its connections; a dead or hung one was restarted.
+    await asyncio.to_thread(cloud.set_fault, "ok", drop_connections=kind != "slow")
     print(f"   t={t_rec - start:5.1f} s  cloud back", flush=True)
     await asyncio.gather(*tasks)
-    return results, t_out, t_rec, time.monotonic(), states, triage_api
+    return results, t_out, t_rec, time.monotonic(), states, triage_api, healthy, deadlines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--healthy", type=float, default=10.0, help="seconds of load before the outage")
-    parser.add_argument("--outage", type=float, default=15.0, help="seconds the cloud stays down")
-    parser.add_argument("--recovery", type=float, default=10.0, help="seconds of load after it comes back")
-    parser.add_argument("--clients", type=int, default=2, help="concurrent clients per workload")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--pause", type=float, default=0.1, help="seconds each client waits between requests")
-    parser.add_argument("--overhead-samples", type=int, default=300)
-    args = parser.parse_args()
-
-    cloud = FakeCloud().start()
-    tmp = Path(tempfile.mkdtemp(prefix="understudy-drill-"))
+def start_server(cloud: FakeCloud, tmp: Path) -> tuple[subprocess.Popen[bytes], str, object]:
     config = tmp / "drill.toml"
     write_config(config, cloud.url, tmp / "state")
     port = free_port()
@@ -364,35 +414,76 @@ def main() -> int:
     server = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(config), "--port", str(port)],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.monotonic()
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() - t0 > 120:
-                raise SystemExit(f"Understudy did not start; see {tmp / 'server.log'}")
-            time.sleep(0.1)
-        print(f"Understudy ready in {time.monotonic() - t0:.1f} s; fake cloud on {cloud.url}; journal in {tmp / 'state'}")
-        print(f"Measuring pass-through overhead ({args.overhead_samples} requests each way)...", flush=True)
-        direct, via = measure_overhead(cloud.url, url, args.overhead_samples)
-        idle_ttft = asyncio.run(local_ttft_idle(url, args.max_tokens))
-        total = args.healthy + args.outage + args.recovery
-        print(f"Load: {args.clients} clients x {len(WORKLOADS)} workloads for {total:g} s, max_tokens {args.max_tokens}", flush=True)
-        results, t_out, t_rec, t_end, states, triage_api = asyncio.run(
-            load(url, args.healthy, total, args.clients, args.max_tokens, args.pause, cloud, args.outage))
-        ok = report(results, t_out, t_rec, t_end, states, direct, via, idle_ttft, triage_api)
-        return 0 if ok else 1
-    finally:
-        server.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    while True:
         try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() - t0 > 120:
+            raise SystemExit(f"Understudy did not start; see {tmp / 'server.log'}")
+        time.sleep(0.1)
+    print(f"Understudy ready in {time.monotonic() - t0:.1f} s; fake cloud on {cloud.url}; journal in {tmp / 'state'}")
+    return server, url, log
+
+
+def stop_server(server: subprocess.Popen[bytes], log: object) -> None:
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()  # type: ignore[attr-defined]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default="refuse,hang,slow", help="outages to run, each with a fresh server")
+    parser.add_argument("--healthy", type=float, default=10.0, help="seconds of load before the outage")
+    parser.add_argument("--outage", type=float, default=15.0, help="seconds the cloud stays down")
+    parser.add_argument("--recovery", type=float, default=10.0, help="seconds of load after it comes back")
+    parser.add_argument("--clients", type=int, default=2, help="concurrent clients per workload")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--pause", type=float, default=0.1, help="seconds each client waits between requests")
+    parser.add_argument("--overhead-samples", type=int, default=300)
+    parser.add_argument("--slow-delay", type=float, default=20.0, help="slow outage: seconds to the cloud's first token")
+    args = parser.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = [k for k in kinds if k not in OUTAGES]
+    if unknown:
+        parser.error(f"unknown outage kind(s) {unknown}; known: {', '.join(OUTAGES)}")
+
+    cloud = FakeCloud().start()
+    summary: list[tuple[str, list[tuple[str, bool]]]] = []
+    try:
+        for i, kind in enumerate(kinds):
+            cloud.set_fault("ok")
+            tmp = Path(tempfile.mkdtemp(prefix=f"understudy-drill-{kind}-"))
+            server, url, log = start_server(cloud, tmp)
+            try:
+                overhead = None
+                if i == 0:
+                    print(f"Measuring pass-through overhead ({args.overhead_samples} requests each way)...", flush=True)
+                    overhead = measure_overhead(cloud.url, url, args.overhead_samples)
+                idle_ttft = asyncio.run(local_ttft_idle(url, args.max_tokens))
+                total = args.healthy + args.outage + args.recovery
+                print(f"Outage '{kind}'. Load: {args.clients} clients x {len(WORKLOADS)} workloads for {total:g} s, "
+                      f"max_tokens {args.max_tokens}", flush=True)
+                results, t_out, t_rec, t_end, states, triage_api, healthy, deadlines = asyncio.run(
+                    load(url, args.healthy, total, args.clients, args.max_tokens, args.pause, cloud, args.outage, kind,
+                         args.slow_delay))
+                summary.append((kind, report(kind, results, t_out, t_rec, t_end, states, overhead, idle_ttft, triage_api,
+                                             deadlines, healthy)))
+            finally:
+                stop_server(server, log)
+    finally:
         cloud.stop()
+    print("\n######## Summary")
+    for kind, checks in summary:
+        print(f"   {kind:<7} {sum(ok for _, ok in checks)}/{len(checks)} targets met"
+              + "".join(f"\n           FAIL: {label}" for label, ok in checks if not ok))
+    return 0 if all(ok for _, checks in summary for _, ok in checks) else 1
 
 
 if __name__ == "__main__":

@@ -244,6 +244,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
             "models": {e.id: {**e.describe(), "engine": e.engine.status() if e.engine else None} for e in registry.entries},
             "upstreams": {u.name: {"breaker": u.breaker.state.value, "retry_after_s": round(u.breaker.retry_after(), 1),
                                    "last_failure": u.breaker.last_reason or None} for u in upstreams.by_name.values()},
+            "failover": router.failover_status(),
             "uptime_s": round(time.monotonic() - getattr(app.state, "started", time.monotonic()), 1),
         }
 

@@ -126,6 +126,18 @@ class Router:
         self.health = {name: Health(u.breaker, u.config.slow, clock) for name, u in upstreams.by_name.items()}
         self._hedges: dict[str, int] = {}
         """Speculative local answers running now, per local model (the hedge budget's count)."""
+        self.stats = {"covered_cloud_attempts": 0, "hedged": 0, "hedges_won_by_local": 0}
+
+    def failover_status(self) -> dict[str, Any]:
+        """For ``/admin/status``: the hedging counters and each covered workload's current deadlines."""
+        deadlines: dict[str, dict[str, float]] = {}
+        for wl in self.workloads.values():
+            upstream = self.upstreams.get(wl.upstream) if wl.covered and not wl.local_only else None
+            if upstream is not None and upstream.name in self.health:
+                health = self.health[upstream.name]
+                deadlines[wl.name] = {kind: round(health.deadline(wl.hedge, wl.name, streamed), 3)
+                                      for kind, streamed in (("stream", True), ("json", False))}
+        return {**self.stats, "first_token_deadline_s": deadlines}
 
     # -- entry point -----------------------------------------------------------------------------
     def workload_for(self, header: str | None, model: Any) -> WorkloadConfig | None:
@@ -219,6 +231,11 @@ class Router:
             if isinstance(outcome.cloud_error, UpstreamError):
                 attempt.failed(outcome.cloud_error)
             raise
+        finally:
+            if covered:
+                self.stats["covered_cloud_attempts"] += 1
+                self.stats["hedged"] += outcome.hedged
+                self.stats["hedges_won_by_local"] += outcome.hedged and outcome.local is not None
         if outcome.cloud is not None:
             ready = outcome.cloud
             ex.route = "cloud"
