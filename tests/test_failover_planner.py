@@ -57,14 +57,14 @@ def test_hedge_budget_counts_slots_and_never_hedges_onto_a_queue() -> None:
 
 def test_slow_verdict_against_baseline_floor_and_cold_start() -> None:
     policy = SlowPolicy(multiple=3.0, min_samples=3, floor_s=1.0, cold_s=3.0)
-    baseline = [0.5] * 10
-    assert not slow_verdict(policy, [1.6, 1.6], baseline).slow  # too few samples
-    assert slow_verdict(policy, [1.6, 1.6, 1.6], baseline).slow  # 1.6 > 3 x 0.5
-    assert not slow_verdict(policy, [1.4, 1.4, 1.4], baseline).slow
-    assert not slow_verdict(policy, [0.5, 0.6, 0.9], [0.1] * 10).slow  # 3 x 0.1 = 0.3, but under the 1 s floor
-    verdict = slow_verdict(policy, [3.5, 3.6, 3.6], [])
+    assert not slow_verdict(policy, [1.6, 1.6], 0.5).slow  # too few samples
+    assert slow_verdict(policy, [1.6, 1.6, 1.6], 0.5).slow  # 1.6 > 3 x 0.5
+    assert slow_verdict(policy, [0.4, 1.6, 1.7], 0.5).slow  # two slow calls of the last three
+    assert not slow_verdict(policy, [1.4, 1.4, 1.4], 0.5).slow
+    assert not slow_verdict(policy, [0.5, 0.6, 0.9], 0.1).slow  # 3 x 0.1 = 0.3, but under the 1 s floor
+    verdict = slow_verdict(policy, [3.5, 3.6, 3.6], None)
     assert verdict.slow and verdict.threshold_s == 3.0  # no baseline yet: the cold threshold
-    assert not slow_verdict(policy, [2.0, 2.0, 2.0], []).slow
+    assert not slow_verdict(policy, [2.0, 2.0, 2.0], None).slow
 
 
 @pytest.mark.parametrize("covered", [True, False])
@@ -92,6 +92,7 @@ def test_window_drops_old_and_excess_observations() -> None:
     assert w.values(13.5) == [4.0]
     w.add(Observation(at=14.0, seconds=9.0, censored=True))
     assert w.values(14.0, censored=False) == [4.0] and w.values(14.0) == [4.0, 9.0]
+    assert w.last(1, 14.0) == [9.0] and w.last(5, 14.0) == [4.0, 9.0] and w.last(5, 20.0) == [9.0]
 
 
 def test_breaker_slow_state_entry_trials_and_exit() -> None:

@@ -52,6 +52,17 @@ class Window:
             items.popleft()
         return [o.seconds for o in items if censored or not o.censored]
 
+    def last(self, n: int, now: float) -> list[float]:
+        """The ``n`` most recent values still in the window (censored ones included), oldest first."""
+        horizon = now - self.horizon_s
+        out: list[float] = []
+        for obs in reversed(self._items):
+            if len(out) == n or obs.at < horizon:
+                break
+            out.append(obs.seconds)
+        out.reverse()
+        return out
+
     def clear(self) -> None:
         self._items.clear()
 

@@ -70,13 +70,13 @@ class SlowVerdict:
         return f"first-token median {median} over {self.samples} calls (threshold {self.threshold_s:.2f} s)"
 
 
-def slow_verdict(policy: SlowPolicy, recent: list[float], baseline: list[float]) -> SlowVerdict:
+def slow_verdict(policy: SlowPolicy, recent: list[float], baseline_median: float | None) -> SlowVerdict:
     """Slow when the recent observations (the caller passes the last ``min_samples``; censored
     ones count at their lower bound) are at least ``min_samples`` and their median is above
-    ``multiple`` × the baseline median (and above ``floor_s``); with fewer than ``min_samples``
-    baseline observations, above ``cold_s``."""
-    if len(baseline) >= policy.min_samples:
-        threshold = max(policy.floor_s, policy.multiple * statistics.median(baseline))
+    ``multiple`` × the baseline median (and above ``floor_s``); without a baseline (None: fewer
+    than ``min_samples`` normal observations), above ``cold_s``."""
+    if baseline_median is not None:
+        threshold = max(policy.floor_s, policy.multiple * baseline_median)
     else:
         threshold = max(policy.floor_s, policy.cold_s)
     if len(recent) < policy.min_samples:
