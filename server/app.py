@@ -29,6 +29,7 @@ from models.client import LocalClient
 from models.registry import ModelRegistry, ModelState
 from server.auth import check_key
 from server.config import Config
+from server.drill import DrillManager
 from server.errors import ApiError, InternalError, InvalidRequest, ModelNotFound, RequestTooLarge
 from server.journal import Journal
 from server.local import LocalModels
@@ -110,6 +111,8 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     default = config.default_upstream
     upstreams.default = upstreams.by_name[default.name] if default is not None else None
     router = Router(local, upstreams, config.workloads, journal)
+    drills = DrillManager(upstreams, router.workloads, journal, registry, config.server.state_dir, config.server.max_drill_s,
+                          router.drilled)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -121,6 +124,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
         try:
             yield
         finally:
+            await drills.close()
             for task in probers:
                 task.cancel()
             await asyncio.gather(*probers, return_exceptions=True)
@@ -135,6 +139,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     app.state.registry = registry
     app.state.router = router
     app.state.journal = journal
+    app.state.drills = drills
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -248,11 +253,34 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
             "uptime_s": round(time.monotonic() - getattr(app.state, "started", time.monotonic()), 1),
         }
 
+    @app.post("/admin/drill")
+    async def drill_start(request: Request) -> JSONResponse:
+        """Start an outage drill (``server.drill``): 200 with the drill, 400 for bad input, 409 if one runs."""
+        authorize(request)
+        _, body = await read_json(request)
+        drill = drills.start(body)
+        covered = [w.name for w in config.workloads if w.covered and not w.local_only
+                   and (not drill.workloads or w.name in drill.workloads)]
+        uncovered = [w.name for w in config.workloads if not w.covered] if drill.upstreams else []
+        return JSONResponse({"drill": drill.describe(time.monotonic()), "answered_locally": covered,
+                             "refused_503": uncovered})
+
+    @app.get("/admin/drill")
+    async def drill_status(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return drills.status()
+
+    @app.delete("/admin/drill")
+    async def drill_abort(request: Request) -> dict[str, Any]:
+        authorize(request)
+        drill = await drills.abort()
+        return {"drill": drill.describe(time.monotonic()), "report": drill.report}
+
     @app.get("/admin/events")
     async def admin_events(request: Request, limit: int = 100, kind: str | None = None) -> dict[str, Any]:
         authorize(request)
-        if kind not in (None, "route", "breaker"):
-            raise InvalidRequest("kind must be 'route' or 'breaker'.", param="kind")
+        if kind not in (None, "route", "breaker", "drill"):
+            raise InvalidRequest("kind must be 'route', 'breaker' or 'drill'.", param="kind")
         rows = await asyncio.to_thread(journal.recent, max(1, min(limit, 10_000)), kind)
         return {"object": "list", "data": rows}
 

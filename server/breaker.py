@@ -81,14 +81,24 @@ class CircuitBreaker:
         self._trial_in_flight = False
         self._hold_until = 0.0  # a 429's Retry-After: no probe may shorten it
         self._last_trial = float("-inf")
+        self.forced = False
+        """Held open by a drill (``force_open``): nothing but ``release`` moves it."""
         self.last_reason = ""
 
     # -- queries ---------------------------------------------------------------------------------
     @property
     def state(self) -> BreakerState:
+        if self.forced:
+            return BreakerState.OPEN
         if self._state is BreakerState.OPEN and self._clock() >= self._open_until:
             self._move(BreakerState.HALF_OPEN, "open time elapsed")
         return self._state
+
+    def open_reason(self) -> str:
+        """Why calls are held off: ``drill``, ``rate_limited`` (a 429) or ``circuit_open``."""
+        if self.forced:
+            return "drill"
+        return "rate_limited" if self.last_reason == "rate_limited" else "circuit_open"
 
     def retry_after(self) -> float:
         """Seconds until the upstream may be tried again (0 when it may be tried now)."""
@@ -99,6 +109,8 @@ class CircuitBreaker:
     # -- commands --------------------------------------------------------------------------------
     def try_acquire(self) -> bool:
         """May a call go to the upstream now? In HALF_OPEN, True for exactly one caller."""
+        if self.forced:
+            return False
         state = self.state
         if state is BreakerState.CLOSED:
             return True
@@ -160,6 +172,29 @@ class CircuitBreaker:
         neither a success nor a failure; let another trial through."""
         self._trial_in_flight = False
 
+    def force_open(self, why: str, until: float) -> None:
+        """A drill: open now, exactly as in a real outage, until ``release`` (probes, timers and
+        late answers change nothing meanwhile). ``until`` is the drill's end (for Retry-After)."""
+        self.forced = True
+        self._open_until = until
+        self._trial_in_flight = False
+        self._state_before_drill = self._state
+        self._state = BreakerState.OPEN
+        if self._listener is not None:
+            self._listener(self._state_before_drill, BreakerState.OPEN, why)
+
+    def release(self, why: str) -> None:
+        """End a drill: closed again with a clean record (a cloud that really failed meanwhile
+        reopens it within ``failure_threshold`` calls or probes)."""
+        if not self.forced:
+            return
+        self.forced = False
+        self._consecutive = 0
+        self._calls.clear()
+        self._trips = 0
+        self._state = BreakerState.OPEN
+        self._move(BreakerState.CLOSED, why)
+
     def enter_slow(self, why: str) -> None:
         """CLOSED → SLOW (the planner's slow verdict)."""
         if self._state is BreakerState.CLOSED:
@@ -177,6 +212,8 @@ class CircuitBreaker:
     def on_probe_ok(self) -> None:
         """The active prober reached the upstream while OPEN: try it now instead of waiting
         (not before a 429's Retry-After has passed: the upstream asked us to stay away)."""
+        if self.forced:
+            return
         if self._state is BreakerState.OPEN and self._clock() >= self._hold_until:
             self._open_until = self._clock()
             self._move(BreakerState.HALF_OPEN, "probe succeeded")

@@ -3,7 +3,8 @@
     understudy serve [--config FILE] [--host H] [--port P]
     understudy models list [--config FILE] [--json]
     understudy hardware [--json]
-    understudy events [--config FILE] [--limit N] [--kind route|breaker] [--json]
+    understudy events [--config FILE] [--limit N] [--kind route|breaker|drill] [--json]
+    understudy drill [--url URL] [--duration S] [--upstreams A,B | --workloads W] [--synthetic RATE] [--abort]
 
 Exit status: 0 on success, 2 for a configuration or usage error (the message names the key),
 1 when ``events`` finds no journal yet.
@@ -171,12 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="recent routing decisions and breaker transitions (the journal)")
     events.add_argument("--config")
     events.add_argument("--limit", type=int, default=50)
-    events.add_argument("--kind", choices=["route", "breaker"])
+    events.add_argument("--kind", choices=["route", "breaker", "drill"])
     events.add_argument("--json", action="store_true")
     events.set_defaults(func=cmd_events)
     hardware = sub.add_parser("hardware", help="what this machine has")
     hardware.add_argument("--json", action="store_true")
     hardware.set_defaults(func=cmd_hardware)
+    from server.cli_drill import add_parser as add_drill
+
+    add_drill(sub)
     return parser
 
 

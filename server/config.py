@@ -39,6 +39,8 @@ class ServerConfig:
     cache_dir: Path | None = None
     """Trained classifier heads (keyed by the hashes of what produced them, so safe to share
     between servers); default ``<state_dir>/cache``."""
+    max_drill_s: float = 3600.0
+    """The longest outage drill ``POST /admin/drill`` accepts."""
 
     @property
     def classifier_cache(self) -> Path:
@@ -124,6 +126,9 @@ class WorkloadConfig:
     """Summaries: the default length of a summary."""
     hedge: HedgePolicy = field(default_factory=HedgePolicy)
     """Covered workloads: the first-token deadline after which the local answer is started too."""
+    target_p95_s: float | None = None
+    """Covered workloads: the p95 latency a drill holds the local answers to (``server.drill``);
+    None: 1 s for a classifier, 5 s otherwise."""
 
     @property
     def covered(self) -> bool:
@@ -179,7 +184,8 @@ def _path(raw: str, base: Path) -> Path:
 
 def _server(table: dict[str, Any], base: Path, env: dict[str, str]) -> ServerConfig:
     where = "server"
-    _no_unknown(table, {"host", "port", "embedded_models", "api_key_env", "log_level", "state_dir", "cache_dir"}, where)
+    _no_unknown(table, {"host", "port", "embedded_models", "api_key_env", "log_level", "state_dir", "cache_dir",
+                        "max_drill_s"}, where)
     port = _take(table, "port", int, where, 8080)
     if not 0 < port < 65536:
         raise ConfigError("server.port", f"must be between 1 and 65535, got {port}")
@@ -201,6 +207,7 @@ def _server(table: dict[str, Any], base: Path, env: dict[str, str]) -> ServerCon
         log_level=level,
         state_dir=_path(_take(table, "state_dir", str, where, ".understudy"), base),
         cache_dir=_path(cache, base) if (cache := _take(table, "cache_dir", str, where)) is not None else None,
+        max_drill_s=_positive(_take(table, "max_drill_s", float, where, 3600.0), "server.max_drill_s"),
     )
 
 
@@ -367,7 +374,7 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
         raise ConfigError(where, "must be a table ([[workloads]] with name, ...)")
     _no_unknown(table, {"name", "models", "upstream", "cloud_model", "fallback", "local_model", "system_prompt",
                         "cloud_system_prompt", "priority", "output_template", "local_notice", "summary_method",
-                        "embedding_model", "max_words", "first_token_deadline_s", *_HEDGE_KEYS}, where)
+                        "embedding_model", "max_words", "first_token_deadline_s", "target_p95_s", *_HEDGE_KEYS}, where)
     name = _take(table, "name", str, where, required=True)
     names = _take(table, "models", list, where, [])
     if not all(isinstance(m, str) and m for m in names):
@@ -415,6 +422,7 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
         output_template=template or DEFAULT_OUTPUT_TEMPLATE, local_notice=notice,
         summary_method=method, embedding_model=embedding, max_words=max_words,
         hedge=_hedge(table, where, fallback == "local"),
+        target_p95_s=_positive(_take(table, "target_p95_s", float, where, 1.0 if classifier else None), f"{where}.target_p95_s"),
     )
 
 

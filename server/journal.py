@@ -17,6 +17,7 @@ with a separate connection while the server runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import sqlite3
@@ -96,8 +97,28 @@ class Journal:
     def record_breaker(self, upstream: str, old: str, new: str, why: str) -> None:
         self._put((time.time(), "breaker", None, None, None, upstream, None, None, f"{old}->{new}", None, None, None, None, why, None))
 
+    def record_drill(self, drill_id: str, verdict: str, requests: int, local: int, failed: int, detail: str) -> None:
+        """A finished drill: its verdict and counts (the full report is a file next to the journal)."""
+        self._put((time.time(), "drill", drill_id, None, None, None, None, None, verdict, None, None, requests, local,
+                   detail, json.dumps({"failed": failed})))
+
     def _put(self, row: tuple[Any, ...]) -> None:
         self._queue.put(row)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every row queued so far is committed (the drill report reads them back)."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+    def between(self, start: float, end: float, kind: str | None = None) -> list[dict[str, Any]]:
+        conn = connect(self.path, readonly=True)
+        try:
+            sql = "SELECT * FROM events WHERE ts >= ? AND ts <= ?" + (" AND kind = ?" if kind else "") + " ORDER BY id"
+            args: tuple[Any, ...] = (start, end, kind) if kind else (start, end)
+            return [dict(row) for row in conn.execute(sql, args)]
+        finally:
+            conn.close()
 
     def recent(self, limit: int = 100, kind: str | None = None) -> list[dict[str, Any]]:
         conn = connect(self.path, readonly=True)
@@ -115,7 +136,10 @@ class Journal:
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
-            rows = [] if item is _STOP else [item]
+            waiters: list[threading.Event] = []
+            if isinstance(item, threading.Event):
+                waiters.append(item)
+            rows = [] if item is _STOP or waiters else [item]
             stop = item is _STOP
             while len(rows) < 500:
                 try:
@@ -125,6 +149,9 @@ class Journal:
                 if nxt is _STOP:
                     stop = True
                     break
+                if isinstance(nxt, threading.Event):
+                    waiters.append(nxt)
+                    continue
                 rows.append(nxt)
             if rows:
                 try:
@@ -133,6 +160,8 @@ class Journal:
                 except sqlite3.Error as exc:  # disk full, locked...: say so, keep serving, keep trying
                     log.error("journal: %d rows could not be written to %s: %s", len(rows), self.path, exc)
                     self._conn.rollback()
+            for waiter in waiters:
+                waiter.set()
             if stop:
                 return
             time.sleep(_BATCH_PAUSE_S)  # let rows accumulate: one commit per batch, not per request

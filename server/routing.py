@@ -127,6 +127,8 @@ class Router:
         self._hedges: dict[str, int] = {}
         """Speculative local answers running now, per local model (the hedge budget's count)."""
         self.stats = {"covered_cloud_attempts": 0, "hedged": 0, "hedges_won_by_local": 0}
+        self.drilled: set[str] = set()
+        """Covered workloads a drill answers locally as if their upstream were down (``server.drill``)."""
 
     def failover_status(self) -> dict[str, Any]:
         """For ``/admin/status``: the hedging counters and each covered workload's current deadlines."""
@@ -187,10 +189,12 @@ class Router:
         breaker = upstream.breaker
         wl = ex.workload
         covered = wl is not None and wl.covered
+        if covered and wl.name in self.drilled:
+            return await self._fallback(ex, request.receive, body, upstream, "drill")
         state = breaker.state
         # Only a request that could use it asks for a trial (asking may hand it out).
         acquired = breaker.try_acquire() if covered or state is not BreakerState.SLOW else False
-        choice = choose(covered, state, acquired, breaker.last_reason == "rate_limited")
+        choice = choose(covered, state, acquired, breaker.open_reason())
         if choice.first is not First.CLOUD:
             assert choice.reason is not None
             return await self._fallback(ex, request.receive, body, upstream, choice.reason)
@@ -262,7 +266,7 @@ class Router:
         def gate(elapsed: float) -> tuple[str, bool] | None:
             state = breaker.state
             if state in (BreakerState.OPEN, BreakerState.HALF_OPEN) and not trial:
-                return ("rate_limited" if breaker.last_reason == "rate_limited" else "circuit_open"), False
+                return breaker.open_reason(), False
             if elapsed < deadline:
                 return None
             if trial or state is BreakerState.SLOW:
@@ -288,7 +292,7 @@ class Router:
         """An uncovered request still waiting for its cloud when the breaker opens: a 503 now."""
         if upstream.breaker.state is not BreakerState.OPEN:
             return None
-        reason = "rate_limited" if upstream.breaker.last_reason == "rate_limited" else "circuit_open"
+        reason = upstream.breaker.open_reason()
         ex.route = "none"
         self._record(ex, "none", None, reason, 503)
         return UpstreamUnavailable(

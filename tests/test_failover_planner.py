@@ -69,17 +69,16 @@ def test_slow_verdict_against_baseline_floor_and_cold_start() -> None:
 
 @pytest.mark.parametrize("covered", [True, False])
 def test_choose_for_each_breaker_state(covered: bool) -> None:
-    assert choose(covered, BreakerState.CLOSED, True, False).first is First.CLOUD
-    open_ = choose(covered, BreakerState.OPEN, False, False)
+    assert choose(covered, BreakerState.CLOSED, True, "circuit_open").first is First.CLOUD
+    open_ = choose(covered, BreakerState.OPEN, False, "circuit_open")
     assert open_.first is (First.LOCAL if covered else First.REFUSE) and open_.reason == "circuit_open"
-    assert choose(covered, BreakerState.OPEN, False, True).reason == "rate_limited"
-    trial = choose(covered, BreakerState.HALF_OPEN, True, False)
+    assert choose(covered, BreakerState.OPEN, False, "rate_limited").reason == "rate_limited"
+    trial = choose(covered, BreakerState.HALF_OPEN, True, "circuit_open")
     assert trial.first is First.CLOUD and trial.trial
-    slow = choose(covered, BreakerState.SLOW, False, False)
+    slow = choose(covered, BreakerState.SLOW, False, "circuit_open")
     if covered:
         assert slow.first is First.LOCAL and slow.reason == "slow_upstream"
-        assert choose(covered, BreakerState.SLOW, True, False) == choose(True, BreakerState.SLOW, True, False)
-        assert choose(covered, BreakerState.SLOW, True, False).trial
+        assert choose(covered, BreakerState.SLOW, True, "circuit_open").trial
     else:
         assert slow.first is First.CLOUD and not slow.trial  # uncovered: still the cloud, its own timeouts
 

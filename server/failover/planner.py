@@ -102,14 +102,15 @@ class Choice:
     """This cloud call is the breaker's trial (half-open, or a slow upstream's test request)."""
 
 
-def choose(covered: bool, state: BreakerState, acquired: bool, rate_limited: bool) -> Choice:
+def choose(covered: bool, state: BreakerState, acquired: bool, open_reason: str) -> Choice:
     """Where a workload request goes first. ``acquired`` is the breaker's answer to
     ``try_acquire()`` (taken by the caller, since it has an effect: it may hand out the trial).
 
     - closed, or a trial acquired: the cloud;
     - slow: uncovered requests still go to the cloud (they wait for their own timeouts);
       covered ones answer locally, except the one trial that tests the cloud (hedged);
-    - open or half-open without the trial: local if covered, else 503.
+    - open or half-open without the trial: local if covered, else 503, with ``open_reason``
+      (``circuit_open``, ``rate_limited``, ``drill``).
     """
     if state is BreakerState.CLOSED:
         return Choice(First.CLOUD)
@@ -119,5 +120,4 @@ def choose(covered: bool, state: BreakerState, acquired: bool, rate_limited: boo
         return Choice(First.CLOUD, trial=True) if acquired else Choice(First.LOCAL, "slow_upstream")
     if acquired:
         return Choice(First.CLOUD, trial=True)
-    reason = "rate_limited" if rate_limited else "circuit_open"
-    return Choice(First.LOCAL if covered else First.REFUSE, reason)
+    return Choice(First.LOCAL if covered else First.REFUSE, open_reason)
