@@ -30,6 +30,8 @@ The model ``invalid-for-cloud`` gets a 400; ``echo-auth`` gets a 400 whose messa
 Authorization header it received (as real providers quote a wrong key); ``odd-usage`` gets an
 answer whose ``usage`` is a string.
 
+``FakeCloud.script`` (a function of the request body) scripts the answers' text.
+
 Every request received is recorded (method, path, headers, JSON body) in ``FakeCloud.requests``.
 """
 
@@ -38,9 +40,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +80,8 @@ class FakeCloud:
     models: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
     fault: Fault = field(default_factory=Fault)
     requests: list[Recorded] = field(default_factory=list)
+    script: Callable[[dict[str, Any]], str] | None = None
+    """Scripted answers: the completion text for a request body (default: the fixed sentence)."""
 
     def __post_init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -236,7 +242,7 @@ class FakeCloud:
             await _send_json(writer, 400, {"error": {"message": "model invalid-for-cloud is not valid", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})
             return True
         n = min(int(body.get("max_tokens") or body.get("max_completion_tokens") or self.answer_words), self.answer_words)
-        words = WORDS[:n]
+        words = WORDS[:n] if self.script is None else tuple(re.findall(r"\S+\s*", self.script(body)))
         rid = f"chatcmpl-cloud{int(time.time() * 1000)}"
         usage = {"prompt_tokens": 9, "completion_tokens": len(words), "total_tokens": 9 + len(words)}
         if not body.get("stream"):

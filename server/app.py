@@ -112,7 +112,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     upstreams.default = upstreams.by_name[default.name] if default is not None else None
     router = Router(local, upstreams, config.workloads, journal)
     drills = DrillManager(upstreams, router.workloads, journal, registry, config.server.state_dir, config.server.max_drill_s,
-                          router.drilled)
+                          router.drilled, readiness=lambda: router.shadow.readiness(list(config.workloads)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -125,6 +125,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
             yield
         finally:
             await drills.close()
+            await router.shadow.close()
             for task in probers:
                 task.cancel()
             await asyncio.gather(*probers, return_exceptions=True)
@@ -253,6 +254,12 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
             "uptime_s": round(time.monotonic() - getattr(app.state, "started", time.monotonic()), 1),
         }
 
+    @app.get("/admin/readiness")
+    async def readiness(request: Request) -> dict[str, Any]:
+        """Shadow mode's per-workload local readiness over the last day (``server.shadow``)."""
+        authorize(request)
+        return {"object": "readiness", "workloads": router.shadow.readiness(list(config.workloads))}
+
     @app.post("/admin/drill")
     async def drill_start(request: Request) -> JSONResponse:
         """Start an outage drill (``server.drill``): 200 with the drill, 400 for bad input, 409 if one runs."""
@@ -279,8 +286,8 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     @app.get("/admin/events")
     async def admin_events(request: Request, limit: int = 100, kind: str | None = None) -> dict[str, Any]:
         authorize(request)
-        if kind not in (None, "route", "breaker", "drill"):
-            raise InvalidRequest("kind must be 'route', 'breaker' or 'drill'.", param="kind")
+        if kind not in (None, "route", "breaker", "drill", "shadow"):
+            raise InvalidRequest("kind must be 'route', 'breaker', 'drill' or 'shadow'.", param="kind")
         rows = await asyncio.to_thread(journal.recent, max(1, min(limit, 10_000)), kind)
         return {"object": "list", "data": rows}
 

@@ -163,7 +163,41 @@ def cmd_drill(args: argparse.Namespace) -> int:
     return 0 if report["verdict"] == "PASS" else 1
 
 
+def cmd_readiness(args: argparse.Namespace) -> int:
+    """Print ``GET /admin/readiness``: shadow mode's local readiness per workload."""
+    key = args.key or os.environ.get("UNDERSTUDY_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = httpx.get(args.url.rstrip("/") + "/admin/readiness", headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        print(f"understudy readiness: cannot reach {args.url}: {type(exc).__name__}", file=sys.stderr)
+        return 3
+    if r.status_code != 200:
+        print(f"understudy readiness: {r.status_code}: {r.json()['error']['message']}", file=sys.stderr)
+        return 2
+    data = r.json()["workloads"]
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if not data:
+        print("No workload has a shadow_rate: nothing measured.")
+    for name, w in data.items():
+        score = "n/a" if w["readiness"] is None else f"{w['readiness']:.3f}"
+        print(f"{name}: readiness {score} over {w['samples']} samples in the last {w['window_s'] / 3600:g} h "
+              f"({w['metric']}); outcomes {w['counts']}")
+        for cloud, row in (w.get("confusion") or {}).items():
+            print(f"   cloud {cloud:<20} -> local {row}")
+        if w.get("supported") is not None:
+            print(f"   local summaries' sentences found in the source: {w['supported']:.3f}")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
+    ready = sub.add_parser("readiness", help="shadow mode: how the local stand-in compares with the cloud, per workload")
+    ready.add_argument("--url", default="http://127.0.0.1:8080")
+    ready.add_argument("--key", help="API key (default: $UNDERSTUDY_API_KEY)")
+    ready.add_argument("--json", action="store_true")
+    ready.set_defaults(func=cmd_readiness)
     drill = sub.add_parser("drill", help="run an outage drill on a running server (the monthly generator test)")
     drill.add_argument("--url", default="http://127.0.0.1:8080")
     drill.add_argument("--key", help="API key (default: $UNDERSTUDY_API_KEY)")

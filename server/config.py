@@ -126,6 +126,9 @@ class WorkloadConfig:
     """Summaries: the default length of a summary."""
     hedge: HedgePolicy = field(default_factory=HedgePolicy)
     """Covered workloads: the first-token deadline after which the local answer is started too."""
+    shadow_rate: float = 0.0
+    """Covered classifier or summaries workloads: the share of cloud answers also answered locally
+    in the background, to measure agreement (``server.shadow``)."""
     target_p95_s: float | None = None
     """Covered workloads: the p95 latency a drill holds the local answers to (``server.drill``);
     None: 1 s for a classifier, 5 s otherwise."""
@@ -374,7 +377,8 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
         raise ConfigError(where, "must be a table ([[workloads]] with name, ...)")
     _no_unknown(table, {"name", "models", "upstream", "cloud_model", "fallback", "local_model", "system_prompt",
                         "cloud_system_prompt", "priority", "output_template", "local_notice", "summary_method",
-                        "embedding_model", "max_words", "first_token_deadline_s", "target_p95_s", *_HEDGE_KEYS}, where)
+                        "embedding_model", "max_words", "first_token_deadline_s", "target_p95_s", "shadow_rate",
+                        *_HEDGE_KEYS}, where)
     name = _take(table, "name", str, where, required=True)
     names = _take(table, "models", list, where, [])
     if not all(isinstance(m, str) and m for m in names):
@@ -423,7 +427,22 @@ def _workload(i: int, table: Any, upstreams: dict[str, UpstreamConfig], models: 
         summary_method=method, embedding_model=embedding, max_words=max_words,
         hedge=_hedge(table, where, fallback == "local"),
         target_p95_s=_positive(_take(table, "target_p95_s", float, where, 1.0 if classifier else None), f"{where}.target_p95_s"),
+        shadow_rate=_shadow_rate(table, where, fallback == "local", classifier or method is not None),
     )
+
+
+def _shadow_rate(table: dict[str, Any], where: str, covered: bool, comparable: bool) -> float:
+    rate = _take(table, "shadow_rate", float, where, 0.0)
+    if rate == 0.0:
+        return rate
+    if not 0 < rate <= 1:
+        raise ConfigError(f"{where}.shadow_rate", f"is a share of the cloud answers, between 0 and 1, got {rate:g}")
+    if not covered:
+        raise ConfigError(f"{where}.shadow_rate", "only applies to a covered workload (fallback = 'local')")
+    if not comparable:
+        raise ConfigError(f"{where}.shadow_rate", "shadow mode compares classifier labels or summaries: local_model must be "
+                          "a classifier, or summary_method set")
+    return rate
 
 
 def _summaries(table: dict[str, Any], where: str, local_model: str | None, models: dict[str, ModelSpec],

@@ -54,6 +54,7 @@ class Drill:
     started_mono: float
     ended_by: str | None = None
     peaks: dict[str, dict[str, int]] = field(default_factory=dict)
+    shadow_before: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] | None = None
 
     def describe(self, now_mono: float) -> dict[str, Any]:
@@ -68,7 +69,7 @@ class DrillManager:
 
     def __init__(self, upstreams: UpstreamSet, workloads: dict[str, WorkloadConfig], journal: Journal | None,
                  registry: ModelRegistry, state_dir: Path, max_duration_s: float, forced_workloads: set[str],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 readiness: Callable[[], dict[str, Any]] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.upstreams = upstreams
         self.workloads = workloads
         self.journal = journal
@@ -76,6 +77,7 @@ class DrillManager:
         self.folder = state_dir / "drills"
         self.max_duration_s = max_duration_s
         self.forced_workloads = forced_workloads
+        self._readiness = readiness
         self.current: Drill | None = None
         self.last: Drill | None = None
         self._clock = clock
@@ -108,6 +110,7 @@ class DrillManager:
                                 "End it first (DELETE /admin/drill).")
         now = self._clock()
         drill = Drill(f"drill-{int(time.time())}", float(duration), upstreams, workloads, time.time(), now)
+        drill.shadow_before = self._readiness() if self._readiness is not None else {}
         self.current = drill
         for name in upstreams:
             self.upstreams.by_name[name].breaker.force_open(f"drill {drill.id} started", until=now + duration)
@@ -246,7 +249,8 @@ def build_report(drill: Drill, rows: list[dict[str, Any]], workloads: dict[str, 
         "queues": {model: {**peak, "headroom": max(0, peak["slots"] - peak["running"])} for model, peak in drill.peaks.items()},
         "totals": {"requests": sum(p["requests"] for p in per.values()), "local": sum(p["local"] for p in per.values()),
                    "failed": total_failed},
-        "shadow_readiness_before": None,
+        "shadow_readiness_before": {name: {"readiness": r.get("readiness"), "samples": r.get("samples"), "metric": r.get("metric")}
+                                    for name, r in drill.shadow_before.items()},
         "verdict": verdict,
     }
 
@@ -277,8 +281,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {model} | {q['slots']} | {q['running']} | {q['waiting']} | {q['headroom']} |")
     lines += ["", "Criteria per covered workload: no failed request, p95 latency (whole answer, as journaled) within its "
               "`target_p95_s`, and at least one answer from the local model.",
-              "Shadow readiness before the drill: not measured (shadow mode is not part of this build).", ""]
+              _shadow_line(report["shadow_readiness_before"]), ""]
     return "\n".join(lines)
+
+
+def _shadow_line(before: dict[str, Any]) -> str:
+    if not before:
+        return "Shadow readiness before the drill: not measured (no workload has a shadow_rate)."
+    parts = [f"{name} {r['readiness'] if r['readiness'] is not None else 'n/a'} ({r['samples']} samples; {r['metric']})"
+             for name, r in before.items()]
+    return "Shadow readiness before the drill: " + "; ".join(parts) + "."
 
 
 def _s(x: float | None) -> str:

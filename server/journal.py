@@ -102,6 +102,11 @@ class Journal:
         self._put((time.time(), "drill", drill_id, None, None, None, None, None, verdict, None, None, requests, local,
                    detail, json.dumps({"failed": failed})))
 
+    def record_shadow(self, workload: str, model: str | None, outcome: str, numbers: str) -> None:
+        """A shadow comparison: its outcome and numbers (labels, cosine); never any text."""
+        self._put((time.time(), "shadow", None, None, workload, None, "local", model, outcome, None, None, None, None,
+                   numbers, None))
+
     def _put(self, row: tuple[Any, ...]) -> None:
         self._queue.put(row)
 

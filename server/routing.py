@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from starlette.requests import Request
+from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response
 
 from models.catalog import ModelKind
@@ -52,6 +53,7 @@ from server.failover.planner import First, LocalLoad, choose, may_hedge
 from server.failover.race import CloudReady, Gate, Outcome, cloud_first_content, race
 from server.local import SSE_HEADERS, LocalModels, Receive
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
+from server.shadow import Shadow, answer_text, delta_text, user_text
 from server.sse import ClientGone, DisconnectWatch, SseResponse
 from server.workloads.choose import local_answer, summarize_target, summary_plan, triage_model
 from server.workloads.summaries import SummariesWorkload, SummarizeRequest
@@ -127,6 +129,7 @@ class Router:
         self._hedges: dict[str, int] = {}
         """Speculative local answers running now, per local model (the hedge budget's count)."""
         self.stats = {"covered_cloud_attempts": 0, "hedged": 0, "hedges_won_by_local": 0}
+        self.shadow = Shadow(local, self.summaries, journal)
         self.drilled: set[str] = set()
         """Covered workloads a drill answers locally as if their upstream were down (``server.drill``)."""
 
@@ -247,7 +250,8 @@ class Router:
             attempt.succeeded()
             if ready.rejected is not None:
                 return self._relay_rejection(ex, upstream, ready.rejected, body)
-            return self._cloud_response(ex, upstream, ready, model)
+            shadow = (wl, text) if covered and self.shadow.wanted(wl) and (text := user_text(body)) else None
+            return self._cloud_response(ex, upstream, ready, model, shadow)
         assert outcome.local is not None
         if isinstance(outcome.cloud_error, UpstreamError):
             attempt.failed(outcome.cloud_error)
@@ -322,25 +326,38 @@ class Router:
             headers[WORKLOAD] = ex.workload.name
         return headers
 
-    def _cloud_response(self, ex: Exchange, upstream: Upstream, ready: CloudReady, model: str | None) -> Response:
+    def _cloud_response(self, ex: Exchange, upstream: Upstream, ready: CloudReady, model: str | None,
+                        shadow: tuple[WorkloadConfig, str] | None) -> Response:
+        """``shadow`` (workload, user text): hand the finished cloud answer to shadow mode once it
+        has been sent (a background task after the body, or the end of the relayed stream)."""
         headers = self._headers(ex, "cloud", model)
         if ready.reply is not None:
             reply = ready.reply
             usage = reply.usage or {}
             self._record(ex, "cloud", model, None, reply.status, usage.get("prompt_tokens"), usage.get("completion_tokens"))
-            return Response(reply.body, status_code=reply.status, media_type="application/json", headers={**reply.headers, **headers})
+            after = None
+            if shadow is not None and (cloud_text := answer_text(reply.body)) is not None:
+                after = BackgroundTask(self.shadow.after_answer, shadow[0], shadow[1], cloud_text)
+            return Response(reply.body, status_code=reply.status, media_type="application/json", headers={**reply.headers, **headers},
+                            background=after)
         assert ready.stream is not None
-        return SseResponse(self._relay(ex, upstream, ready, model), headers={**SSE_HEADERS, **ready.stream.headers, **headers})
+        return SseResponse(self._relay(ex, upstream, ready, model, shadow), headers={**SSE_HEADERS, **ready.stream.headers, **headers})
 
-    async def _relay(self, ex: Exchange, upstream: Upstream, ready: CloudReady, model: str | None) -> AsyncIterator[bytes]:
+    async def _relay(self, ex: Exchange, upstream: Upstream, ready: CloudReady, model: str | None,
+                     shadow: tuple[WorkloadConfig, str] | None = None) -> AsyncIterator[bytes]:
         """Relay a cloud stream event by event; a break becomes a terminal error event, never local text."""
         stream = ready.stream
         assert stream is not None
         reason = None
+        text: list[str] | None = [delta_text(e) for e in ready.events] if shadow is not None else None
         try:
             yield b"".join(ready.events)
             async for event in stream.events():
+                if text is not None:
+                    text.append(delta_text(event))
                 yield event
+            if shadow is not None and text is not None:
+                self.shadow.submit(shadow[0], shadow[1], "".join(text))
         except UpstreamError as exc:
             reason = exc.reason
             upstream.breaker.on_failure(exc.reason)

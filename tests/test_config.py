@@ -157,6 +157,12 @@ def _covered(**keys: object) -> dict:
     (_covered(hedge_budget=1.5), "workloads[0].hedge_budget"),
     ({"upstreams": _UP, "workloads": [{"name": "w", "first_token_deadline_s": 2.0}]}, "workloads[0].first_token_deadline_s"),
     ({"upstreams": [{**_UP[0], "slow_multiple": 0.5}]}, "upstreams[0].slow_multiple"),
+    (_covered(shadow_rate=0.5), "workloads[0].shadow_rate"),  # an LLM workload: nothing to compare
+    ({"upstreams": _UP, "workloads": [{"name": "w", "fallback": "local", "local_model": TRIAGE_ID, "shadow_rate": 1.5}]},
+     "workloads[0].shadow_rate"),
+    ({"upstreams": _UP, "workloads": [{"name": "w", "shadow_rate": 0.1}]}, "workloads[0].shadow_rate"),
+    ({"server": {"max_drill_s": 0}}, "server.max_drill_s"),
+    (_covered(target_p95_s=-1), "workloads[0].target_p95_s"),
     ({"upstreams": [{**_UP[0], "slow_window_s": -1}]}, "upstreams[0].slow_window_s"),
 ])
 def test_invalid_deadline_and_slow_settings_name_the_key(data: dict, key: str) -> None:
