@@ -24,6 +24,11 @@ What it does, in one run on this machine:
    slowest covered first token during the outage against the first-token deadline; time from
    recovery to the first cloud answer; p50/p99 latency before, during and after; the hedges
    started while the cloud was healthy; and checks the targets of each kind.
+6. Shadow mode: first, pass-through latency with ``shadow_rate`` 0, 0.1 and 1 (three servers,
+   interleaved, one run); then every scenario runs with ``shadow_rate = 0.1`` on triage and
+   summaries (the fake cloud answers triage with the JSON its ``cloud_system_prompt`` asks for),
+   and the shadow readiness measured before the outage is printed next to what the outage
+   showed. A disagreement between them is printed as a finding.
 5. Triage is answered locally by the ``triage-minilm`` classifier over ``/v1/chat/completions``
    (the cloud is asked for the same JSON through ``cloud_system_prompt``): the drill checks that
    every local triage answer is the template's JSON with the right label, and calls
@@ -45,6 +50,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -63,6 +69,7 @@ MODELS = {"triage": "triage", "summaries": "summaries", "general": "gpt-4o"}
 CONNECT_TIMEOUT_S = 2.0
 FIRST_BYTE_TIMEOUT_S = 60.0  # the default: an uncovered request's own limit
 PROBE_INTERVAL_S = 5.0  # the default probe pace while healthy
+SHADOW_RATE = 0.1  # shadow mode during the healthy phase: readiness measured before each outage
 LOCAL_MARGIN_S = 1.0  # a local answer's own time on top of the deadline (classifier, extract, or first token)
 OUTAGES = {"refuse": ("refuse", "down: connections refused"), "hang": ("hang", "hung: connections accepted, never answered"),
            "slow": ("slow", "slow: first token after the slow delay, probes still fast")}
@@ -93,7 +100,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(path: Path, cloud_url: str, state: Path) -> None:
+def cloud_script(body: dict[str, Any]) -> str:
+    """The fake cloud's answers in the drill: triage's JSON (what its cloud_system_prompt asks
+    for), a one-line summary for the summaries workload, the fixed sentence for the rest."""
+    messages = json.dumps(body.get("messages"))
+    if "Classify the message" in messages:
+        return f'{{"label": "{EXPECTED_LABEL}", "confidence": 0.93}}'
+    if body.get("model") == "gpt-4o-mini":
+        return "58-year-old with chest pain radiating to the left arm and sweating."
+    return "The cloud model says hello and answers your question in full."
+
+
+def write_config(path: Path, cloud_url: str, state: Path, shadow_rate: float = SHADOW_RATE) -> None:
     path.write_text(f"""
 [server]
 state_dir = "{state}"
@@ -112,6 +130,7 @@ cloud_model = "gpt-4o-mini"
 fallback = "local"
 local_model = "{TRIAGE_MODEL}"
 priority = "high"
+shadow_rate = {shadow_rate}
 cloud_system_prompt = "Classify the message's urgency. Answer with JSON only: {{\\"label\\": ..., \\"confidence\\": ...}}"
 
 [[workloads]]
@@ -121,6 +140,7 @@ fallback = "local"
 local_model = "{LOCAL_MODEL}"
 summary_method = "extractive"
 max_words = 40
+shadow_rate = {shadow_rate}
 
 [[workloads]]
 name = "general"
@@ -215,7 +235,7 @@ async def local_ttft_idle(url: str, max_tokens: int) -> float:
 def measure_overhead(cloud_url: str, server_url: str, samples: int) -> tuple[list[float], list[float]]:
     direct_client = openai.OpenAI(base_url=cloud_url, api_key="drill", max_retries=0, timeout=10)
     via_client = openai.OpenAI(base_url=server_url + "/v1", api_key="drill", max_retries=0, timeout=10)
-    msg = [{"role": "user", "content": "ping"}]
+    msg = [{"role": "user", "content": MESSAGE}]  # a real triage message: shadow mode then compares like for like
     direct: list[float] = []
     via: list[float] = []
     try:
@@ -232,9 +252,50 @@ def measure_overhead(cloud_url: str, server_url: str, samples: int) -> tuple[lis
     return direct, via
 
 
+def measure_shadow_overhead(cloud: FakeCloud, samples: int) -> None:
+    """Pass-through p50 with shadow mode off, at 10 % and at 100 %: three servers, the requests
+    interleaved with direct calls to the fake cloud, in one run."""
+    servers = []
+    try:
+        for rate in (0.0, 0.1, 1.0):
+            tmp = Path(tempfile.mkdtemp(prefix=f"understudy-shadow-{rate:g}-"))
+            servers.append((rate, *start_server(cloud, tmp, rate)))
+        direct_client = openai.OpenAI(base_url=cloud.url, api_key="drill", max_retries=0, timeout=10)
+        clients = [(rate, openai.OpenAI(base_url=url + "/v1", api_key="drill", max_retries=0, timeout=10)) for rate, _, url, _ in servers]
+        msg = [{"role": "user", "content": MESSAGE}]
+        direct: list[float] = []
+        via: dict[float, list[float]] = {rate: [] for rate, _ in clients}
+        for i in range(samples + 20):
+            order = [(None, direct_client), *clients]
+            for rate, client in (order if i % 2 else order[::-1]):
+                t = time.perf_counter()
+                client.chat.completions.create(model="gpt-4o-mini" if rate is None else "triage", messages=msg, max_tokens=8)
+                if i >= 20:
+                    (direct if rate is None else via[rate]).append(time.perf_counter() - t)
+        d50 = statistics.median(direct)
+        print("\n== Shadow mode's cost to the cloud path (pass-through, non-streaming, interleaved, one run)")
+        print(f"   direct to fake cloud: p50 {ms(d50)}")
+        for rate, values in via.items():
+            print(f"   shadow_rate {rate:>4g}: p50 {ms(statistics.median(values))}, added {ms(statistics.median(values) - d50)}")
+        off, tenth, full = (statistics.median(via[r]) for r in (0.0, 0.1, 1.0))
+        print(f"   [{'PASS' if tenth - off <= 0.001 else 'FAIL'}] shadow_rate 0.1 within 1 ms of shadow off "
+              f"({ms(tenth - off)}); at 100 %: {ms(full - off)}")
+        for rate, _, url, _ in servers:
+            ready = httpx.get(url + "/admin/readiness", timeout=10).json()["workloads"].get("triage", {})
+            if rate:
+                print(f"   shadow_rate {rate:g}: triage readiness {ready.get('readiness')} over {ready.get('samples')} samples, "
+                      f"outcomes {ready.get('counts')}")
+        direct_client.close()
+        for _, client in clients:
+            client.close()
+    finally:
+        for _, server, _, log in servers:
+            stop_server(server, log)
+
+
 def report(kind: str, results: list[Result], t_out: float, t_rec: float, t_end: float, states: list[tuple[float, str]],
            overhead: tuple[list[float], list[float]] | None, idle_ttft: float, triage_api: dict[str, object],
-           deadlines: dict[str, float], healthy: dict[str, int]) -> list[tuple[str, bool]]:
+           deadlines: dict[str, float], healthy: dict[str, int], shadow: dict[str, Any]) -> list[tuple[str, bool]]:
     print(f"\n######## Outage kind: {kind} ({OUTAGES[kind][1]})")
     added = float("nan")
     if overhead is not None:
@@ -303,6 +364,15 @@ def report(kind: str, results: list[Result], t_out: float, t_rec: float, t_end: 
             return None
 
     labels = [label_of(r.text) for r in triage_local]
+    print("\n== Shadow readiness before the outage, next to what the outage showed")
+    for name, w in shadow.items():
+        print(f"   {name}: readiness {w.get('readiness')} over {w.get('samples')} samples ({w.get('metric')}); outcomes {w.get('counts')}")
+    agree = sum(lab == EXPECTED_LABEL for lab in labels) / len(labels) if labels else None
+    print(f"   triage during the outage: {len(labels)} local answers, share with the cloud's label ({EXPECTED_LABEL}): "
+          f"{agree if agree is None else round(agree, 3)}")
+    ready = shadow.get("triage", {}).get("readiness")
+    if ready is not None and agree is not None and abs(ready - agree) > 0.1:
+        print(f"   FINDING: shadow readiness {ready} and the outage's agreement {agree:.3f} differ by more than 0.1")
     print("\n== Triage answered locally (triage-minilm, chat completions)")
     print(f"   {len(triage_local)} local answers ({sum(r.stream for r in triage_local)} streamed); "
           f"labels: { {lab: labels.count(lab) for lab in set(labels)} }")
@@ -379,7 +449,8 @@ async def triage_during_outage(url: str) -> dict[str, object]:
 
 async def load(url: str, t_out_offset: float, duration: float, clients: int, max_tokens: int, pause: float,
                cloud: FakeCloud, outage: float, kind: str, slow_delay: float,
-               ) -> tuple[list[Result], float, float, float, list[tuple[float, str]], dict[str, object], dict[str, int], dict[str, float]]:
+               ) -> tuple[list[Result], float, float, float, list[tuple[float, str]], dict[str, object], dict[str, int],
+                          dict[str, float], dict[str, Any]]:
     results: list[Result] = []
     states: list[tuple[float, str]] = []
     start = time.monotonic()
@@ -390,6 +461,7 @@ async def load(url: str, t_out_offset: float, duration: float, clients: int, max
     await asyncio.sleep(t_out_offset)
     status = await asyncio.to_thread(lambda: httpx.get(url + "/admin/status", timeout=10).json()["failover"])
     healthy = {k: v for k, v in status.items() if isinstance(v, int)}
+    shadow = await asyncio.to_thread(lambda: httpx.get(url + "/admin/readiness", timeout=10).json()["workloads"])
     deadlines = {f"{wl} {k}": v for wl, d in status["first_token_deadline_s"].items() for k, v in d.items()}
     t_out = time.monotonic()
     await asyncio.to_thread(cloud.set_fault, kind, delay=slow_delay)
@@ -402,12 +474,12 @@ async def load(url: str, t_out_offset: float, duration: float, clients: int, max
     await asyncio.to_thread(cloud.set_fault, "ok", drop_connections=kind != "slow")
     print(f"   t={t_rec - start:5.1f} s  cloud back", flush=True)
     await asyncio.gather(*tasks)
-    return results, t_out, t_rec, time.monotonic(), states, triage_api, healthy, deadlines
+    return results, t_out, t_rec, time.monotonic(), states, triage_api, healthy, deadlines, shadow
 
 
-def start_server(cloud: FakeCloud, tmp: Path) -> tuple[subprocess.Popen[bytes], str, object]:
+def start_server(cloud: FakeCloud, tmp: Path, shadow_rate: float = SHADOW_RATE) -> tuple[subprocess.Popen[bytes], str, object]:
     config = tmp / "drill.toml"
-    write_config(config, cloud.url, tmp / "state")
+    write_config(config, cloud.url, tmp / "state", shadow_rate)
     port = free_port()
     env = {**os.environ, "DRILL_CLOUD_KEY": "sk-drill-upstream"}
     log = (tmp / "server.log").open("w")
@@ -448,15 +520,19 @@ def main() -> int:
     parser.add_argument("--pause", type=float, default=0.1, help="seconds each client waits between requests")
     parser.add_argument("--overhead-samples", type=int, default=300)
     parser.add_argument("--slow-delay", type=float, default=20.0, help="slow outage: seconds to the cloud's first token")
+    parser.add_argument("--shadow-samples", type=int, default=200, help="pass-through requests per shadow_rate (0: skip)")
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = [k for k in kinds if k not in OUTAGES]
     if unknown:
         parser.error(f"unknown outage kind(s) {unknown}; known: {', '.join(OUTAGES)}")
 
-    cloud = FakeCloud().start()
+    cloud = FakeCloud(script=cloud_script).start()
     summary: list[tuple[str, list[tuple[str, bool]]]] = []
     try:
+        if args.shadow_samples:
+            print(f"Measuring shadow mode's cost to the cloud path ({args.shadow_samples} requests to each server)...", flush=True)
+            measure_shadow_overhead(cloud, args.shadow_samples)
         for i, kind in enumerate(kinds):
             cloud.set_fault("ok")
             tmp = Path(tempfile.mkdtemp(prefix=f"understudy-drill-{kind}-"))
@@ -470,11 +546,11 @@ def main() -> int:
                 total = args.healthy + args.outage + args.recovery
                 print(f"Outage '{kind}'. Load: {args.clients} clients x {len(WORKLOADS)} workloads for {total:g} s, "
                       f"max_tokens {args.max_tokens}", flush=True)
-                results, t_out, t_rec, t_end, states, triage_api, healthy, deadlines = asyncio.run(
+                results, t_out, t_rec, t_end, states, triage_api, healthy, deadlines, shadow = asyncio.run(
                     load(url, args.healthy, total, args.clients, args.max_tokens, args.pause, cloud, args.outage, kind,
                          args.slow_delay))
                 summary.append((kind, report(kind, results, t_out, t_rec, t_end, states, overhead, idle_ttft, triage_api,
-                                             deadlines, healthy)))
+                                             deadlines, healthy, shadow)))
             finally:
                 stop_server(server, log)
     finally:
