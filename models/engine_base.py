@@ -86,6 +86,11 @@ class EngineThread:
     def state(self) -> EngineState:
         return self._state
 
+    @property
+    def max_waiting(self) -> int:
+        """The admission limit (requests for an LLM, inputs for an embedding model)."""
+        return self._max_waiting
+
     # -- event-loop thread -----------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

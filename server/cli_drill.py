@@ -112,7 +112,8 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"  {name:<12} {p['requests']:>8} {p['local']:>6} {p['failed']:>6} {s(p['p50_s']):>8} {s(p['p95_s']):>8} "
               f"{p['target_p95_s']:>6g}s {s(p['first_local_answer_s']):>9}  {p['verdict']}")
     for model, q in report["queues"].items():
-        print(f"  queue {model}: peak running {q['running']}/{q['slots']}, peak waiting {q['waiting']}")
+        running = f"peak running {q['running']}/{q['slots']}, " if q["slots"] else ""
+        print(f"  queue {model}: {running}peak waiting {q['waiting']} {q['unit']} of {q['max_waiting']} allowed")
     for path in report.get("files", []):
         print(f"  report: {path}")
 

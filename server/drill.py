@@ -11,7 +11,8 @@ server ends it (``finish``), so the breakers come back even if the CLI that star
   down; everything else keeps using the cloud.
 
 Live traffic keeps flowing and is served as in a real outage. At the end the report is built from
-the journal's rows of the drill's window (so its numbers are the journal's), plus the local
+the journal's rows of the requests that started during the drill (so its numbers are the
+journal's; answers under way get ``REPORT_GRACE_S`` to finish), plus the local
 engines' queue peaks sampled during the drill; it is written as markdown and JSON under
 ``<state_dir>/drills/`` and as a ``drill`` row in the journal (numbers only).
 """
@@ -35,6 +36,9 @@ from server.upstream import UpstreamSet
 #: A workload's p95 target (seconds, whole answer as the journal records it) when it sets none.
 DEFAULT_TARGET_P95_S = 5.0
 SAMPLE_S = 0.2
+#: After the end, answers already under way (routed during the drill) get this long to finish
+#: before the report is built; a row counts when its request *started* within the drill.
+REPORT_GRACE_S = 2.0
 
 
 class DrillConflict(ApiError):
@@ -156,14 +160,19 @@ class DrillManager:
             await self.finish(drill, "timer")
 
     async def _sample(self, drill: Drill) -> None:
+        """Every ``SAMPLE_S``: each engine's queue (an LLM's running and waiting requests, an
+        embedding model's queued inputs) against its admission limit. A classifier's work shows
+        on its embedding model."""
         while self.current is drill:
             for entry in self.registry.entries:
-                if entry.engine is None or not hasattr(entry.engine, "status"):
+                engine = entry.engine
+                if engine is None or not hasattr(engine, "status") or not hasattr(engine, "max_waiting"):
                     continue
-                status = entry.engine.status()
-                peak = drill.peaks.setdefault(entry.id, {"waiting": 0, "running": 0, "slots": int(status.get("slots") or 0),
-                                                         "max_waiting": 0})
-                peak["waiting"] = max(peak["waiting"], int(status.get("waiting") or status.get("queued_inputs") or 0))
+                status = engine.status()
+                llm = "slots" in status
+                peak = drill.peaks.setdefault(entry.id, {"unit": "requests" if llm else "inputs", "slots": int(status.get("slots") or 0),
+                                                         "running": 0, "waiting": 0, "max_waiting": int(engine.max_waiting)})
+                peak["waiting"] = max(peak["waiting"], int(status.get("waiting" if llm else "queued_inputs") or 0))
                 peak["running"] = max(peak["running"], int(status.get("running") or 0))
             await asyncio.sleep(SAMPLE_S)
 
@@ -179,8 +188,9 @@ class DrillManager:
         if self._sampler is not None:
             self._sampler.cancel()
         ended_at = time.time()
-        await asyncio.sleep(0.05)  # answers completing at the end of the window reach the journal's queue
-        rows = await asyncio.to_thread(self._rows, drill.started_at, ended_at + 0.05)
+        await asyncio.sleep(REPORT_GRACE_S)
+        rows = [r for r in await asyncio.to_thread(self._rows, drill.started_at, ended_at + REPORT_GRACE_S)
+                if r["ts"] - (r["latency_ms"] or 0) / 1000 <= ended_at]
         drill.report = build_report(drill, rows, self.workloads, ended_at)
         self.last = drill
         await asyncio.to_thread(self._write, drill)
@@ -246,7 +256,7 @@ def build_report(drill: Drill, rows: list[dict[str, Any]], workloads: dict[str, 
         "workloads": list(drill.workloads), "mode": "workloads" if drill.workloads else "upstreams",
         "per_workload": per,
         "other_traffic": {"requests": len(others), "failed_503": sum(1 for r in others if r["status"] == 503)},
-        "queues": {model: {**peak, "headroom": max(0, peak["slots"] - peak["running"])} for model, peak in drill.peaks.items()},
+        "queues": {model: {**peak, "headroom": max(0, peak["max_waiting"] - peak["waiting"])} for model, peak in drill.peaks.items()},
         "totals": {"requests": sum(p["requests"] for p in per.values()), "local": sum(p["local"] for p in per.values()),
                    "failed": total_failed},
         "shadow_readiness_before": {name: {"readiness": r.get("readiness"), "samples": r.get("samples"), "metric": r.get("metric")}
@@ -276,9 +286,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {p['requests']} | {p['local']} | {p['failed']} | {_s(p['p50_s'])} | {_s(p['p95_s'])} | "
                      f"{p['target_p95_s']:g} s | {_s(p['first_local_answer_s'])} | {p['verdict']} |")
     if report["queues"]:
-        lines += ["", "| local model | slots | peak running | peak waiting | headroom (slots never used) |", "|---|---|---|---|---|"]
+        lines += ["", "| local model | slots | peak running | peak waiting | queue limit | headroom (limit - peak waiting) |",
+                  "|---|---|---|---|---|---|"]
         for model, q in report["queues"].items():
-            lines.append(f"| {model} | {q['slots']} | {q['running']} | {q['waiting']} | {q['headroom']} |")
+            slots = q["slots"] or "-"
+            lines.append(f"| {model} | {slots} | {q['running'] if q['slots'] else '-'} | {q['waiting']} {q['unit']} | "
+                         f"{q['max_waiting']} | {q['headroom']} |")
     lines += ["", "Criteria per covered workload: no failed request, p95 latency (whole answer, as journaled) within its "
               "`target_p95_s`, and at least one answer from the local model.",
               _shadow_line(report["shadow_readiness_before"]), ""]
