@@ -63,6 +63,10 @@ class EmbedItem:
         return self.job.token_ids[self.index]
 
 
+#: The largest batch of background-class inputs (``Priority.BACKGROUND``).
+BACKGROUND_BATCH = 4
+
+
 class DynamicBatcher:
     def __init__(self, max_batch_requests: int, max_batch_tokens: int, max_wait_s: float = 0.0,
                  fill_wait_s: float = 0.0) -> None:
@@ -97,7 +101,11 @@ class DynamicBatcher:
         taken: list[deque[EmbedItem]] = []
         longest = 0
         full = False
-        for queue in self.queues:
+        limit = self.max_batch_requests
+        for cls, queue in enumerate(self.queues):
+            # Background work (shadow mode, a head's training) runs in small batches, so that a
+            # real request arriving meanwhile waits for one short step, not a batch of 32.
+            limit = min(self.max_batch_requests, BACKGROUND_BATCH) if cls == Priority.BACKGROUND else self.max_batch_requests
             while queue:
                 item = queue[0]
                 if item.job.cancelled:
@@ -105,7 +113,7 @@ class DynamicBatcher:
                     self._num_queued -= 1
                     continue
                 grown = max(longest, len(item.tokens))
-                if batch and (len(batch) == self.max_batch_requests or grown * (len(batch) + 1) > self.max_batch_tokens):
+                if batch and (len(batch) == limit or grown * (len(batch) + 1) > self.max_batch_tokens):
                     full = True
                     break
                 queue.popleft()
@@ -115,7 +123,7 @@ class DynamicBatcher:
             if full or batch:
                 break  # one class per batch
         self._num_queued -= len(batch)
-        if len(batch) == self.max_batch_requests:
+        if len(batch) == limit:
             full = True
         if batch and not full:
             wait = self._company_wait(batch, now)

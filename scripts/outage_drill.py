@@ -280,6 +280,14 @@ def measure_shadow_overhead(cloud: FakeCloud, samples: int) -> None:
         off, tenth, full = (statistics.median(via[r]) for r in (0.0, 0.1, 1.0))
         print(f"   [{'PASS' if tenth - off <= 0.001 else 'FAIL'}] shadow_rate 0.1 within 1 ms of shadow off "
               f"({ms(tenth - off)}); at 100 %: {ms(full - off)}")
+        # Real local work next to shadow work: /v1/triage (local, high priority) while the same
+        # pass-through traffic runs, on the server without shadow and on the one at 100 %.
+        print("   real local requests (/v1/triage, sequential) while pass-through traffic runs:")
+        for rate, _, url, _ in (servers[0], servers[2]):
+            lat = asyncio.run(_triage_beside_passthrough(url, samples))
+            status = httpx.get(url + "/admin/status", timeout=10).json()["models"]["minilm-l6-v2"]["engine"]
+            print(f"   shadow_rate {rate:>4g}: /v1/triage p50 {ms(pct(lat, 50))}, p95 {ms(pct(lat, 95))}, max {ms(max(lat))} "
+                  f"({status['batches']} embedding batches so far, largest {status['max_batch']})")
         for rate, _, url, _ in servers:
             ready = httpx.get(url + "/admin/readiness", timeout=10).json()["workloads"].get("triage", {})
             if rate:
@@ -291,6 +299,29 @@ def measure_shadow_overhead(cloud: FakeCloud, samples: int) -> None:
     finally:
         for _, server, _, log in servers:
             stop_server(server, log)
+
+
+async def _triage_beside_passthrough(url: str, samples: int) -> list[float]:
+    """``samples`` sequential /v1/triage calls while two clients send covered pass-through
+    requests (each one shadowed on a server with ``shadow_rate = 1``)."""
+    stop = False
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        async def passthrough() -> None:
+            while not stop:
+                await c.post("/v1/chat/completions", json={"model": "triage", "messages": [{"role": "user", "content": MESSAGE}],
+                                                          "max_tokens": 8})
+
+        load = [asyncio.create_task(passthrough()) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        out = []
+        for _ in range(samples):
+            t = time.perf_counter()
+            r = await c.post("/v1/triage", json={"input": MESSAGE})
+            r.raise_for_status()
+            out.append(time.perf_counter() - t)
+        stop = True
+        await asyncio.gather(*load)
+    return out
 
 
 def report(kind: str, results: list[Result], t_out: float, t_rec: float, t_end: float, states: list[tuple[float, str]],

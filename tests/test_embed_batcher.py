@@ -108,3 +108,18 @@ def test_adaptive_fill_waits_for_the_clients_the_last_batch_answered() -> None:
     b.batch_done(8)
     b.add(job(3, arrival=4.0))
     assert len(b.next_batch(4.006)[0]) == 1  # the window has passed: run what there is
+
+
+def test_background_work_runs_in_small_batches_so_a_real_request_waits_one_short_step() -> None:
+    from models.embed_batcher import BACKGROUND_BATCH
+    from models.priority import Priority
+
+    b = DynamicBatcher(max_batch_requests=32, max_batch_tokens=10_000)
+    b.add(EmbedJob([[1] * 8] * 40, priority=Priority.BACKGROUND))  # 40 shadow inputs
+    first, _ = b.next_batch(0.0)
+    assert len(first) == BACKGROUND_BATCH
+    b.add(EmbedJob([[1] * 8] * 3, priority=Priority.HIGH))  # a real request arrives meanwhile
+    nxt, _ = b.next_batch(0.0)
+    assert len(nxt) == 3 and all(item.job.priority == Priority.HIGH for item in nxt)
+    b.add(EmbedJob([[1] * 8] * 40, priority=Priority.NORMAL))
+    assert len(b.next_batch(0.0)[0]) == 32  # real work keeps its full batches
