@@ -3,7 +3,8 @@
 ``server`` is one server for the whole session (embedded default catalog). ``start_server``
 starts another one with a given TOML config for tests that need their own (corrupt model,
 one slot, small queues...). Both wait for ``/ready`` (or for the loader to finish, when the test
-expects a degraded catalog) and stop the process afterwards.
+expects a degraded catalog) and stop the process afterwards. ``cloud`` is a fake OpenAI cloud on
+loopback (``scripts/fake_cloud.py``), one per test module.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from fake_cloud import FakeCloud  # noqa: E402
 TEST_CACHE = ROOT / ".cache" / "test-state"
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBED_MODEL = "minilm-l6-v2"
@@ -115,6 +118,13 @@ def start_server(tmp_path: Path):  # type: ignore[no-untyped-def]
         return run_server(tmp_path / f"srv{next(counter)}", config, want_ready, env)
 
     return _start
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[FakeCloud]:
+    c = FakeCloud().start()
+    yield c
+    c.stop()
 
 
 @pytest.fixture(scope="session")

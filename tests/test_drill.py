@@ -15,10 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CHAT_MODEL, ROOT, ServerProc, run_server
+from tests.conftest import CHAT_MODEL, ROOT, FakeCloud, ServerProc, run_server
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from fake_cloud import FakeCloud  # noqa: E402
 
 KEY = "drill-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -53,13 +51,6 @@ name = "general"
 models = ["gpt-4o"]
 fallback = "none"
 """
-
-
-@pytest.fixture(scope="module")
-def cloud() -> Iterator[FakeCloud]:
-    c = FakeCloud().start()
-    yield c
-    c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sqlite3
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CHAT_MODEL, ServerProc, run_server
+from tests.conftest import CHAT_MODEL, FakeCloud, ServerProc, run_server
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from fake_cloud import FakeCloud  # noqa: E402
 
 UPSTREAM_KEY = "sk-upstream-SECRET-4242"
 CLIENT_KEY = "client-key-never-forwarded"
@@ -58,13 +55,6 @@ name = "general"
 models = ["gpt-4o", "echo-auth", "invalid-for-cloud", "odd-usage"]
 fallback = "none"
 """
-
-
-@pytest.fixture(scope="module")
-def cloud() -> Iterator[FakeCloud]:
-    c = FakeCloud().start()
-    yield c
-    c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,15 @@ streaming or not × covered (``triage``, deadline 0.4 s) or uncovered (``general
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import CHAT_MODEL, ServerProc, run_server
+from tests.conftest import CHAT_MODEL, FakeCloud, ServerProc, run_server
 from tests.test_failover import CLOUD_TEXT, breaker_state, events, sse_payloads, streamed_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from fake_cloud import FakeCloud  # noqa: E402
 
 DEADLINE = 0.4
 
@@ -53,13 +49,6 @@ name = "general"
 models = ["gpt-4o"]
 fallback = "none"
 """
-
-
-@pytest.fixture(scope="module")
-def cloud() -> Iterator[FakeCloud]:
-    c = FakeCloud().start()
-    yield c
-    c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ServerProc, run_server
+from tests.conftest import FakeCloud, ServerProc, run_server
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from fake_cloud import FakeCloud  # noqa: E402
 
 CHEST = "Crushing chest pain spreading to my jaw and I am sweating a lot."
 RESCHEDULE = "Could I move my physiotherapy appointment from Tuesday to Thursday afternoon?"
