@@ -15,7 +15,10 @@ PYTEST_ARGS ?=
 
 CACHE_DIR ?= $(HOME)/.cache/understudy
 LLAMA_VERSION := 0.3.36
-LLAMA_CMAKE_ARGS := $(shell $(PYTHON) scripts/llama_cmake_args.py)
+# LLAMA_EXTRA_CMAKE_ARGS adds to the detected CPU flags, e.g. a CUDA build:
+#   make setup LLAMA_EXTRA_CMAKE_ARGS=-DGGML_CUDA=on      (needs the CUDA toolkit; its own wheel cache key)
+LLAMA_EXTRA_CMAKE_ARGS ?=
+LLAMA_CMAKE_ARGS := $(strip $(shell $(PYTHON) scripts/llama_cmake_args.py) $(LLAMA_EXTRA_CMAKE_ARGS))
 LLAMA_KEY := $(shell echo "$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)" | sha256sum | cut -c1-16)
 WHEELHOUSE := $(CACHE_DIR)/wheels/llama-$(LLAMA_KEY)
 LLAMA_SDIST := $(CACHE_DIR)/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz

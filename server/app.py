@@ -25,6 +25,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hardware.detect import HardwareInfo
+from hardware.fallbacks import fallback_warnings
+from models.capabilities import engine_caps
 from models.client import LocalClient
 from models.registry import ModelRegistry, ModelState
 from server.auth import check_key
@@ -118,6 +120,10 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         loop = asyncio.get_running_loop()
         app.state.started = time.monotonic()
+        app.state.engines = await asyncio.to_thread(engine_caps)
+        app.state.warnings = fallback_warnings(hardware, app.state.engines)
+        for warning in app.state.warnings:
+            log.warning("%s", warning)
         loader = threading.Thread(target=registry.load_all, args=(loop,), name="model-loader", daemon=True)
         loader.start()
         probers = [asyncio.create_task(Prober(u).run(), name=f"probe-{u.name}") for u in upstreams.by_name.values()]
@@ -170,13 +176,27 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
+        """200 when every model is loaded. ``warnings``: what this machine has that the engines do
+        not use (a GPU a CPU-only build ignores...), never silent (``hardware.fallbacks``)."""
         models = {e.id: e.state.value for e in registry.entries}
+        warnings = getattr(app.state, "warnings", [])
         if not registry.loading_done:
-            return JSONResponse({"status": "loading", "reason": "models are still loading", "models": models}, status_code=503)
+            return JSONResponse({"status": "loading", "reason": "models are still loading", "models": models, "warnings": warnings},
+                                status_code=503)
         bad = {e.id: e.reason for e in registry.entries if e.state is not ModelState.READY}
         if bad:
-            return JSONResponse({"status": "degraded", "reason": "some models are not available", "unavailable": bad, "models": models}, status_code=503)
-        return JSONResponse({"status": "ready", "models": models})
+            return JSONResponse({"status": "degraded", "reason": "some models are not available", "unavailable": bad, "models": models,
+                                 "warnings": warnings}, status_code=503)
+        return JSONResponse({"status": "ready", "models": models, "warnings": warnings})
+
+    @app.get("/admin/hardware")
+    async def admin_hardware(request: Request) -> dict[str, Any]:
+        """What was detected, what the engines can use, the warnings, and each model's settings."""
+        authorize(request)
+        engines = getattr(app.state, "engines", None)
+        return {"hardware": hardware.to_dict(), "engines": engines.to_dict() if engines is not None else None,
+                "warnings": getattr(app.state, "warnings", []),
+                "models": {e.id: {"state": e.state.value, "settings": e.settings} for e in registry.entries}}
 
     # -- models --------------------------------------------------------------------------------
     def model_object(entry: Any) -> dict[str, Any]:

@@ -96,10 +96,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_hardware(args: argparse.Namespace) -> int:
     from hardware.detect import detect
+    from hardware.fallbacks import fallback_warnings
+    from models.capabilities import engine_caps
 
     hw = detect()
+    caps = engine_caps()
+    warnings = fallback_warnings(hw, caps)
     if args.json:
-        print(json.dumps(hw.to_dict(), indent=2))
+        print(json.dumps({**hw.to_dict(), "engines": caps.to_dict(), "warnings": warnings}, indent=2))
         return 0
     cg = hw.cgroup
     rows = [
@@ -119,7 +123,12 @@ def cmd_hardware(args: argparse.Namespace) -> int:
             rows.append([f"GPU {g.index}", f"{g.name}, {g.memory_total_bytes // MIB} MiB total, {g.memory_free_bytes // MIB} MiB free"])
     else:
         rows.append(["GPUs", f"none ({hw.gpu.reason})"])
+    rows.append(["llama.cpp build", f"GPU offload {'yes' if caps.llama_gpu_offload else 'no'}; "
+                                    f"{' '.join(sorted(caps.llama_features)) or 'features unknown'}"])
+    rows.append(["onnxruntime", ", ".join(caps.onnx_providers) or "not installed"])
     print(_table(rows))
+    for warning in warnings:
+        print(f"WARNING: {warning}")
     return 0
 
 

@@ -133,3 +133,57 @@ def test_hardware_cli_prints_a_table_and_json() -> None:
     data = json.loads(js.stdout)
     assert data["cpu"]["logical_cores"] == psutil.cpu_count(logical=True)
     assert "gpu" in data and "count" in data["gpu"]
+    assert data["warnings"] == [] or all(isinstance(w, str) for w in data["warnings"])
+    assert "llama_cpp" in data["engines"] and "providers" in data["engines"]["onnxruntime"]
+
+
+# -- never a silent fallback --------------------------------------------------------------------
+
+def _cpu_only_box(flags: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    hw = detect(nvml=FakeNvml([], library_missing=True))
+    return replace(hw, cpu=replace(hw.cpu, flags=flags))
+
+
+def test_a_gpu_that_the_builds_cannot_use_is_a_warning_never_silence() -> None:
+    from hardware.fallbacks import EngineCaps, fallback_warnings
+
+    hw = detect(nvml=FakeNvml([FakeGpu("NVIDIA L4", total=24 * GIB, used=0, uuid="GPU-9")]))
+    cpu_only = EngineCaps(False, frozenset(), ("CPUExecutionProvider",))
+    warnings = fallback_warnings(hw, cpu_only)
+    assert len(warnings) == 2
+    assert "NVIDIA L4" in warnings[0] and "cannot offload" in warnings[0] and "GGML_CUDA=on" in warnings[0]
+    assert "onnxruntime" in warnings[1] and "CUDA execution provider" in warnings[1]
+    cuda = EngineCaps(True, frozenset(), ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert fallback_warnings(hw, cuda) == []
+
+
+def test_a_build_without_the_cpus_simd_is_a_warning() -> None:
+    from hardware.fallbacks import EngineCaps, fallback_warnings, parse_system_info
+
+    features = parse_system_info("CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | FMA = 1 | AVX512 = 0 | OPENMP = 1 | ")
+    assert features == frozenset({"SSE3", "AVX", "AVX2", "FMA", "OPENMP"})
+    hw = _cpu_only_box(("avx", "avx2", "fma", "avx512f"))
+    (warning,) = fallback_warnings(hw, EngineCaps(False, features, ("CPUExecutionProvider",)))
+    assert "AVX512" in warning and "does not use it" in warning
+    assert fallback_warnings(_cpu_only_box(("avx", "avx2", "fma")), EngineCaps(False, features, ())) == []
+    assert fallback_warnings(hw, EngineCaps(False, frozenset(), ())) == []  # unknown build: nothing claimed
+
+
+def test_this_machines_engines_match_its_cpu_and_the_server_says_so(server) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    from hardware.fallbacks import fallback_warnings
+    from models.capabilities import engine_caps
+
+    caps = engine_caps()
+    assert caps.llama_features and "CPUExecutionProvider" in caps.onnx_providers
+    expected = fallback_warnings(detect(), caps)
+    ready = httpx.get(server.url + "/ready").json()
+    assert ready["status"] == "ready" and ready["warnings"] == expected
+    info = httpx.get(server.url + "/admin/hardware").json()
+    assert info["warnings"] == expected
+    assert info["engines"]["llama_cpp"]["cpu_features"] == sorted(caps.llama_features)
+    assert info["hardware"]["cpu"]["physical_cores"] >= 1
+    assert info["models"]["smollm2-135m-instruct"]["settings"]["threads"] >= 1
