@@ -50,6 +50,17 @@ class ModelNotReady(ModelLookupError):
 
 
 @dataclass(frozen=True)
+class Load:
+    """What a local model's engine is doing now: an LLM's slots and running requests, and what
+    waits for it (requests for an LLM, inputs for an embedding model). A classifier reports its
+    embedding model's queue, where its work waits."""
+
+    slots: int = 0
+    running: int = 0
+    waiting: int = 0
+
+
+@dataclass(frozen=True)
 class Embeddings:
     vectors: np.ndarray
     tokens: int
@@ -83,6 +94,19 @@ class LocalClient:
             why = entry.reason or f"it is {entry.state.value}"
             raise ModelNotReady(model_id, f"the model '{model_id}' is not available: {why}", entry.state.is_final)
         return entry
+
+    def load(self, model_id: str) -> Load | None:
+        """The engine's current load (None: no such model, or not loaded). Any caller on the loop;
+        the figures may be one engine step stale."""
+        entry = self.registry.get(model_id)
+        if entry is not None and entry.spec.classifier is not None:
+            entry = self.registry.get(entry.spec.classifier.embedding_model)
+        engine = entry.engine if entry is not None else None
+        if engine is None:
+            return None
+        status = engine.status()
+        return Load(int(status.get("slots") or 0), int(status.get("running") or 0),
+                    int(status.get("waiting", status.get("queued_inputs")) or 0))
 
     # -- generation ------------------------------------------------------------------------------
     def submit(self, entry: ModelEntry, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams,

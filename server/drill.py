@@ -30,6 +30,7 @@ from typing import Any
 from models.registry import ModelRegistry
 from server.config import WorkloadConfig
 from server.errors import ApiError, InvalidRequest
+from server.failover.latency import percentile
 from server.journal import Journal
 from server.upstream import UpstreamSet
 
@@ -216,10 +217,7 @@ class DrillManager:
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1)))))]
+    return percentile(values, q) if values else None
 
 
 def build_report(drill: Drill, rows: list[dict[str, Any]], workloads: dict[str, WorkloadConfig], ended_at: float) -> dict[str, Any]:

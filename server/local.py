@@ -112,12 +112,6 @@ def watching(receive: Receive | None) -> contextlib.AbstractContextManager[Any]:
     return DisconnectWatch(receive) if receive is not None else contextlib.nullcontext()
 
 
-async def or_disconnect(awaitable: Awaitable[T], receive: Receive) -> T:
-    """Await ``awaitable`` unless the client disconnects first: then cancel it, raise ``ClientGone``."""
-    with DisconnectWatch(receive):
-        return await awaitable
-
-
 class LocalModels:
     def __init__(self, client: LocalClient) -> None:
         self.client = client
@@ -299,7 +293,8 @@ class LocalModels:
         """Await a ``LocalClient`` call, cancelling it if the HTTP client disconnects, with the
         client's errors as API errors."""
         try:
-            return await (or_disconnect(awaitable, receive) if receive is not None else awaitable)
+            with watching(receive):
+                return await awaitable
         except ModelLookupError as exc:
             raise lookup_error(exc) from None
         except (EngineOverloaded, QueueTimedOut, EngineStopped, InputTooLong, EngineFailure) as exc:

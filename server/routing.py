@@ -67,10 +67,6 @@ WORKLOAD = "X-Understudy-Workload"
 _INLINE_PREPARE_BYTES = 64 * 1024
 
 
-def _never(elapsed: float) -> None:
-    return None
-
-
 async def _close_response(response: Response) -> None:
     """A local answer that lost the race after it was ready: abort its stream (frees the slot)."""
     body = getattr(response, "body_iterator", None)
@@ -229,7 +225,7 @@ class Router:
                                      self._gate(wl, breaker, deadline, trial), deadline, self._clock, _close_response,
                                      on_hedge_end=functools.partial(self._hedge_ended, wl.local_model), outcome=outcome)
             else:
-                outcome = await race(cloud, None, _never, None, self._clock, _close_response,
+                outcome = await race(cloud, None, None, None, self._clock, _close_response,
                                      fail_fast=functools.partial(self._refuse_if_open, ex, upstream), outcome=outcome)
         except UpstreamError as exc:  # uncovered: the cloud failed (a 503 follows)
             attempt.failed(exc)
@@ -283,9 +279,8 @@ class Router:
         return gate
 
     def _local_load(self, model_id: str) -> LocalLoad:
-        entry = self.local.registry.get(model_id)
-        status = entry.engine.status() if entry is not None and entry.engine is not None else {}
-        return LocalLoad(slots=int(status.get("slots") or 8), waiting=int(status.get("waiting") or 0),
+        load = self.local.client.load(model_id)
+        return LocalLoad(slots=load.slots if load else 0, waiting=load.waiting if load else 0,
                          hedges=self._hedges.get(model_id, 0))
 
     def _hedge_ended(self, model_id: str | None) -> None:

@@ -143,17 +143,8 @@ class Shadow:
     def _busy(self, wl: WorkloadConfig) -> bool:
         """Real traffic comes first: skip when anything waits for the local model, or when an LLM
         has more than half its slots running."""
-        entry = self.local.registry.get(wl.local_model or "")
-        if entry is not None and entry.spec.classifier is not None:  # a classifier queues on its embedding model
-            entry = self.local.registry.get(entry.spec.classifier.embedding_model)
-        engine = entry.engine if entry is not None else None
-        if engine is None or not hasattr(engine, "status"):
-            return True
-        status = engine.status()
-        if int(status.get("waiting") or status.get("queued_inputs") or 0) > 0:
-            return True
-        slots = int(status.get("slots") or 0)
-        return bool(slots) and int(status.get("running") or 0) * 2 > slots
+        load = self.local.client.load(wl.local_model or "")
+        return load is None or load.waiting > 0 or (load.slots > 0 and load.running * 2 > load.slots)
 
     async def _compare(self, wl: WorkloadConfig, user_text: str, cloud_text: str) -> None:
         try:

@@ -138,24 +138,24 @@ def test_an_uncovered_request_fails_fast_when_its_breaker_opens() -> None:
     assert time.monotonic() - t0 < 0.6 and cloud.cancelled
 
 
-def test_a_finished_loser_is_closed() -> None:
-    """Both sides ready in the same wake: the cloud wins, the local answer already made is closed."""
-    cloud, local = Side("cloud", 0.2), Side("local", 0.0)
+def test_a_loser_that_had_finished_too_is_closed_and_a_running_one_cancelled() -> None:
+    """Both sides can be ready in the same wake-up; whichever did not win is closed (its stream
+    aborted, its slot freed), and one still running is cancelled."""
+    from server.failover.race import _settle
 
-    async def go() -> Outcome[Side]:
-        gate_calls = 0
+    async def go() -> tuple[Side, Side, Side]:
+        winner, finished, running = Side("winner", 0.0), Side("finished", 0.0), Side("running", 5.0)
+        done_winner = asyncio.ensure_future(winner.run())
+        done_loser = asyncio.ensure_future(finished.run())
+        pending = asyncio.ensure_future(running.run())
+        await asyncio.sleep(0.01)
+        await _settle(done_winner, winner, close_local)
+        await _settle(done_loser, winner, close_local)
+        await _settle(pending, winner, close_local)
+        return winner, finished, running
 
-        def gate(elapsed: float):  # type: ignore[no-untyped-def]
-            nonlocal gate_calls
-            gate_calls += 1
-            return ("slow_upstream", True) if elapsed >= 0.19 else None
-
-        return await race(cloud_of(cloud), lambda r: local.run(), gate, 0.19, time.monotonic, close_local)
-
-    out = run(go())
-    assert (out.cloud is not None) != (out.local is not None)  # exactly one answer, never both
-    if out.cloud is not None and local.started is not None and not local.cancelled:
-        assert local.closed
+    winner, finished, running = run(go())
+    assert not winner.closed and finished.closed and running.cancelled and not running.closed
 
 
 def test_only_events_with_content_count_as_the_first_token() -> None:

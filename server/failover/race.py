@@ -125,12 +125,12 @@ seconds since the cloud attempt started, the reason to start it and whether that
 hedge (counted against the budget), or None to keep waiting."""
 
 
-async def race(cloud: Awaitable[CloudReady], start_local: Callable[[str], Awaitable[L]] | None, gate: Gate,
+async def race(cloud: Awaitable[CloudReady], start_local: Callable[[str], Awaitable[L]] | None, gate: Gate | None,
                deadline: float | None, clock: Callable[[], float], close_local: Callable[[L], Awaitable[None]],
                on_hedge_end: Callable[[], None] | None = None, fail_fast: Callable[[float], BaseException | None] | None = None,
                outcome: Outcome[L] | None = None) -> Outcome[L]:
     """Run ``cloud``; start ``start_local(reason)`` when ``gate`` allows it (or at once when the
-    cloud fails, if there is a local side). Returns the first side with content. Raises the
+    cloud fails, if there is a local side; no local side and no gate for an uncovered request). Returns the first side with content. Raises the
     cloud's error when there is no local side, the local side's error when both failed, or what
     ``fail_fast(elapsed)`` returns (an uncovered request whose upstream's breaker opened).
     ``outcome`` (filled in as the race goes) lets the caller see the cloud's error after a raise."""
@@ -176,7 +176,7 @@ async def race(cloud: Awaitable[CloudReady], start_local: Callable[[str], Awaita
                 refusal = fail_fast(elapsed)
                 if refusal is not None:
                     raise refusal
-            if local_task is None and start_local is not None:
+            if local_task is None and start_local is not None and gate is not None:
                 decision = gate(elapsed)
                 if decision is not None:
                     start(*decision)
