@@ -72,7 +72,8 @@ class ChatTemplate:
 
 class LlamaModel:
     def __init__(self, path: Path, gpu_layers: int = 0, vocab_only: bool = False) -> None:
-        """``vocab_only``: read the metadata only (for ``shape()`` before choosing GPU offload)."""
+        """``vocab_only``: the vocabulary and chat template only (``shape()`` then aborts inside
+        llama.cpp: the hardware plan reads shapes from the GGUF header, ``models.gguf``)."""
         _init_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers

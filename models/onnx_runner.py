@@ -16,14 +16,16 @@ from tokenizers import Tokenizer
 
 
 class OnnxEmbedder:
-    def __init__(self, model_path: Path, tokenizer_path: Path, threads: int, max_length: int) -> None:
+    def __init__(self, model_path: Path, tokenizer_path: Path, threads: int, max_length: int,
+                 provider: str = "CPUExecutionProvider") -> None:
+        """``provider``: the execution provider the hardware plan chose (CPU as the fallback after it)."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(str(model_path), options, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
         self._inputs = {i.name for i in self._session.get_inputs()}
         self._output = self._session.get_outputs()[0].name
         self.dimensions = int(self._session.get_outputs()[0].shape[-1])

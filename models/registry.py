@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hardware.detect import HardwareInfo
-from hardware.tuning import LlmOverrides, ModelDoesNotFit, tune_embedding, tune_llm
+from hardware.plan import ModelPlan, Plan
+from hardware.tuning import ModelDoesNotFit
 from models.catalog import ModelFormat, ModelKind, ModelSpec
 from models.integrity import verify
 
@@ -86,10 +87,13 @@ class ModelEntry:
 
 class ModelRegistry:
     def __init__(self, specs: list[ModelSpec], hardware: HardwareInfo, cache_dir: Path | None = None) -> None:
+        from models.sizing import load_order
+
         # Classifiers load last: they need their embedding model running.
-        ordered = sorted(specs, key=lambda s: s.kind is ModelKind.CLASSIFIER)
-        self._entries = {spec.id: ModelEntry(spec) for spec in ordered}
+        self._entries = {spec.id: ModelEntry(spec) for spec in load_order(specs)}
         self._hw = hardware
+        self.plan: Plan | None = None
+        """Set by ``server.app`` before ``load_all`` (else made there); read-only afterwards."""
         self._cache_dir = cache_dir or Path(".understudy") / "classifiers"
         self._done = threading.Event()
 
@@ -106,6 +110,11 @@ class ModelRegistry:
 
     def load_all(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
+            if self.plan is None:
+                from models.capabilities import engine_caps
+                from models.sizing import plan_for
+
+                self.plan = plan_for([e.spec for e in self._entries.values()], self._hw, engine_caps())
             for entry in self._entries.values():
                 self._load(entry, loop)
             self._check_openmp_threads()
@@ -173,38 +182,28 @@ class ModelRegistry:
         entry.reason = message
         log.error("%s; the model is unavailable, the others still serve", message)
 
+    def _planned(self, entry: ModelEntry) -> ModelPlan:
+        """This model's part of the box's plan (``hardware.plan``); refused -> ``ModelDoesNotFit``."""
+        planned = self.plan.get(entry.id) if self.plan is not None else None
+        if planned is None or planned.device == "-" and not planned.refused:
+            why = planned.reasons.get("model", "") if planned is not None else "it is not in the plan"
+            raise ModelDoesNotFit(f"it could not be planned: {why}")
+        if planned.refused:
+            raise ModelDoesNotFit(planned.refused)
+        return planned
+
     def _load_gguf(self, entry: ModelEntry, loop: asyncio.AbstractEventLoop) -> None:
-        from models.llama_runner import LlamaModel, LlamaRunner, gpu_offload_supported
+        from models.llama_runner import LlamaModel, LlamaRunner
         from models.llm_engine import LlmEngine
         from models.scheduler import SchedulerConfig
 
         spec, opts = entry.spec, entry.spec.options
         assert spec.path is not None
-        offload = gpu_offload_supported() and self._hw.gpu.count > 0
+        tuning = self._planned(entry).llm
+        assert tuning is not None
         model = None
         try:
-            if offload:  # the GPU offload decision needs the shape before the weights are placed
-                probe = LlamaModel(spec.path, vocab_only=True)
-                try:
-                    shape = probe.shape()
-                finally:
-                    probe.close()
-            else:
-                model = LlamaModel(spec.path)
-                shape = model.shape()
-            if spec.context_length:
-                shape = type(shape)(**{**shape.__dict__, "n_ctx_train": spec.context_length})
-            tuning = tune_llm(
-                self._hw,
-                shape,
-                LlmOverrides(
-                    threads=opts.threads, gpu_layers=opts.gpu_layers, slots=opts.slots, kv_tokens=opts.kv_tokens,
-                    batch_tokens=opts.batch_tokens, max_waiting=opts.max_waiting,
-                ),
-                gpu_offload_supported=offload,
-            )
-            if model is None:
-                model = LlamaModel(spec.path, gpu_layers=tuning.gpu_layers)
+            model = LlamaModel(spec.path, gpu_layers=tuning.gpu_layers)
             runner = LlamaRunner(
                 model, num_slots=tuning.slots, kv_tokens=tuning.kv_tokens, batch_tokens=tuning.batch_tokens,
                 threads=tuning.threads, kv_unified=opts.kv_unified,
@@ -246,11 +245,9 @@ class ModelRegistry:
         spec, opts = entry.spec, entry.spec.options
         assert spec.path is not None and spec.tokenizer_path is not None
         max_length = spec.context_length or 512
-        tuning = tune_embedding(
-            self._hw, max_length, threads=opts.threads, max_batch_requests=opts.max_batch_requests,
-            max_batch_tokens=opts.max_batch_tokens, max_waiting=opts.max_waiting,
-        )
-        embedder = OnnxEmbedder(spec.path, spec.tokenizer_path, tuning.threads, max_length)
+        tuning = self._planned(entry).embedding
+        assert tuning is not None
+        embedder = OnnxEmbedder(spec.path, spec.tokenizer_path, tuning.threads, max_length, provider=tuning.provider)
         engine = EmbedEngine(
             spec.id, embedder, tuning.max_batch_requests, tuning.max_batch_tokens, tuning.max_waiting,
             max_wait_s=opts.batch_wait_ms / 1000.0, queue_timeout_s=opts.queue_timeout_s,
@@ -262,7 +259,8 @@ class ModelRegistry:
         entry.settings = {
             "threads": tuning.threads, "max_batch_requests": tuning.max_batch_requests,
             "max_batch_tokens": tuning.max_batch_tokens, "max_waiting": tuning.max_waiting,
-            "batch_wait_ms": opts.batch_wait_ms, "batch_fill_wait_ms": opts.batch_fill_wait_ms, "queue_timeout_s": opts.queue_timeout_s, "dimensions": embedder.dimensions,
+            "batch_wait_ms": opts.batch_wait_ms, "batch_fill_wait_ms": opts.batch_fill_wait_ms,
+            "queue_timeout_s": opts.queue_timeout_s, "dimensions": embedder.dimensions, "provider": tuning.provider,
         }
 
 

@@ -29,6 +29,7 @@ from hardware.fallbacks import fallback_warnings
 from models.capabilities import engine_caps
 from models.client import LocalClient
 from models.registry import ModelRegistry, ModelState
+from models.sizing import plan_for
 from server.auth import check_key
 from server.config import Config
 from server.drill import DrillManager
@@ -121,7 +122,9 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
         loop = asyncio.get_running_loop()
         app.state.started = time.monotonic()
         app.state.engines = await asyncio.to_thread(engine_caps)
-        app.state.warnings = fallback_warnings(hardware, app.state.engines)
+        registry.plan = await asyncio.to_thread(plan_for, [e.spec for e in registry.entries], hardware, app.state.engines)
+        log.info("%s", registry.plan.summary())
+        app.state.warnings = fallback_warnings(hardware, app.state.engines) + list(registry.plan.warnings)
         for warning in app.state.warnings:
             log.warning("%s", warning)
         loader = threading.Thread(target=registry.load_all, args=(loop,), name="model-loader", daemon=True)
@@ -191,10 +194,12 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
 
     @app.get("/admin/hardware")
     async def admin_hardware(request: Request) -> dict[str, Any]:
-        """What was detected, what the engines can use, the warnings, and each model's settings."""
+        """What was detected, what the engines can use, the plan (each setting with its reason), the
+        warnings, and each model's settings as loaded."""
         authorize(request)
         engines = getattr(app.state, "engines", None)
         return {"hardware": hardware.to_dict(), "engines": engines.to_dict() if engines is not None else None,
+                "plan": registry.plan.to_dict() if registry.plan is not None else None,
                 "warnings": getattr(app.state, "warnings", []),
                 "models": {e.id: {"state": e.state.value, "settings": e.settings} for e in registry.entries}}
 

@@ -35,7 +35,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    config = load_config(Path(args.config) if args.config else None)
+    config = load_config([Path(p) for p in args.config] if args.config else None)
     return with_overrides(config, getattr(args, "host", None), getattr(args, "port", None))
 
 
@@ -95,6 +95,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_hardware(args: argparse.Namespace) -> int:
+    from hardware.describe import hardware_rows
     from hardware.detect import detect
     from hardware.fallbacks import fallback_warnings
     from models.capabilities import engine_caps
@@ -102,34 +103,46 @@ def cmd_hardware(args: argparse.Namespace) -> int:
     hw = detect()
     caps = engine_caps()
     warnings = fallback_warnings(hw, caps)
+    plan = None
+    if args.plan:
+        from models.sizing import plan_for
+
+        plan = plan_for(list(_load(args).models), hw, caps)
+        warnings += plan.warnings
     if args.json:
-        print(json.dumps({**hw.to_dict(), "engines": caps.to_dict(), "warnings": warnings}, indent=2))
+        print(json.dumps({**hw.to_dict(), "engines": caps.to_dict(), "warnings": warnings,
+                          **({"plan": plan.to_dict()} if plan is not None else {})}, indent=2))
         return 0
-    cg = hw.cgroup
-    rows = [
-        ["CPU", hw.cpu.model],
-        ["Architecture", hw.cpu.arch],
-        ["Cores", f"{hw.cpu.physical_cores} physical, {hw.cpu.logical_cores} logical, {hw.cpu.affinity_cores} allowed"],
-        ["CPU features", " ".join(hw.cpu.flags) or "-"],
-        ["RAM", f"{hw.memory.total_bytes // MIB} MiB total, {hw.memory.available_bytes // MIB} MiB available"],
-        ["Container limits", "none" if cg.version is None else
-         f"cgroup {cg.version}: cpu {cg.cpu_quota_cores if cg.cpu_quota_cores is not None else 'unlimited'}, "
-         f"memory {cg.memory_limit_bytes // MIB if cg.memory_limit_bytes else 'unlimited'}{' MiB' if cg.memory_limit_bytes else ''}"],
-        ["Usable", f"{hw.usable_cores} cores for compute threads, {hw.usable_memory_bytes // MIB} MiB for models"],
-    ]
-    if hw.gpu.gpus:
-        rows.append(["GPU driver", f"{hw.gpu.driver_version} (CUDA {hw.gpu.cuda_driver_version or '?'})"])
-        for g in hw.gpu.gpus:
-            rows.append([f"GPU {g.index}", f"{g.name}, {g.memory_total_bytes // MIB} MiB total, {g.memory_free_bytes // MIB} MiB free"])
-    else:
-        rows.append(["GPUs", f"none ({hw.gpu.reason})"])
-    rows.append(["llama.cpp build", f"GPU offload {'yes' if caps.llama_gpu_offload else 'no'}; "
-                                    f"{' '.join(sorted(caps.llama_features)) or 'features unknown'}"])
-    rows.append(["onnxruntime", ", ".join(caps.onnx_providers) or "not installed"])
+    if plan is not None:
+        print(_plan_table(plan))
+        for warning in warnings:
+            print(f"WARNING: {warning}")
+        return 0
+    rows = hardware_rows(hw, caps)
     print(_table(rows))
     for warning in warnings:
         print(f"WARNING: {warning}")
     return 0
+
+
+def _plan_table(plan: Any) -> str:
+    """``understudy hardware --plan``: one block per model, one row per setting with its reason."""
+    rows = [["MODEL", "DEVICE", "SETTING", "VALUE", "WHY"]]
+    refused = []
+    for m in plan.models:
+        if m.refused:
+            refused.append(f"REFUSED {m.id}: {m.refused}")
+            rows.append([m.id, "-", "-", "refused", "(below)"])
+            continue
+        first = True
+        items = [(k, m.settings.get(k, "")) for k in m.reasons] or [("-", "")]
+        for key, value in items:
+            if key not in m.settings and key in m.reasons and m.settings:
+                value = m.settings.get(key, "")
+            rows.append([m.id if first else "", m.device if first else "", key, str(value), m.reasons.get(key, "")])
+            first = False
+    lines = [_table(rows), "", plan.summary()]
+    return "\n".join(lines + refused)
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -168,23 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="understudy", description="Local OpenAI-compatible server with cloud failover.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
-    serve.add_argument("--config", help="TOML config file (default: $UNDERSTUDY_CONFIG, else the embedded default)")
+    serve.add_argument("--config", action="append", help="TOML config file (default: $UNDERSTUDY_CONFIG, else the embedded "
+                       "default); give it again to add a fragment such as `understudy bench --write-config`'s")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.set_defaults(func=cmd_serve)
     models = sub.add_parser("models", help="the model catalog")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     listing = models_sub.add_parser("list", help="list the catalog and check each file's sha256")
-    listing.add_argument("--config")
+    listing.add_argument("--config", action="append")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_models)
     events = sub.add_parser("events", help="recent routing decisions and breaker transitions (the journal)")
-    events.add_argument("--config")
+    events.add_argument("--config", action="append")
     events.add_argument("--limit", type=int, default=50)
     events.add_argument("--kind", choices=["route", "breaker", "drill"])
     events.add_argument("--json", action="store_true")
     events.set_defaults(func=cmd_events)
-    hardware = sub.add_parser("hardware", help="what this machine has")
+    hardware = sub.add_parser("hardware", help="what this machine has, and (--plan) how the models would be placed on it")
+    hardware.add_argument("--plan", action="store_true", help="each model's engine settings with the reason for each")
+    hardware.add_argument("--config", action="append", help="the config whose models to plan (default: the embedded catalog)")
     hardware.add_argument("--json", action="store_true")
     hardware.set_defaults(func=cmd_hardware)
     from server.cli_drill import add_parser as add_drill

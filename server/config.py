@@ -536,20 +536,52 @@ def parse_config(data: dict[str, Any], base: Path, env: dict[str, str] | None = 
     return Config(server=server, models=tuple(specs.values()), upstreams=tuple(upstreams.values()), workloads=tuple(workloads))
 
 
-def load_config(path: Path | None, env: dict[str, str] | None = None) -> Config:
-    env = dict(os.environ) if env is None else env
-    if path is None and env.get("UNDERSTUDY_CONFIG"):
-        path = Path(env["UNDERSTUDY_CONFIG"])
-    if path is None:
-        return parse_config({}, Path.cwd(), env)
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError("--config", f"file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"file {path} cannot be read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
-    config = parse_config(data, path.resolve().parent, env)
-    return replace(config, source=path)
+
+
+def merge_tables(into: dict[str, Any], extra: dict[str, Any], into_name: str, extra_name: str, where: str = "") -> dict[str, Any]:
+    """Merge a config fragment into a config: tables merge key by key, arrays of tables
+    (``[[upstreams]]``, ``[[workloads]]``) are appended, and a value set in both to different
+    values is a ``ConfigError`` naming the key and both files (an explicit setting is never
+    silently replaced). The same value in both is fine. Returns a new dict."""
+    out = dict(into)
+    for key, value in extra.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = merge_tables(out[key], value, into_name, extra_name, dotted)
+        elif isinstance(out[key], list) and isinstance(value, list) and key in ("upstreams", "workloads"):
+            out[key] = out[key] + value
+        elif out[key] != value:
+            raise ConfigError(dotted, f"is {out[key]!r} in {into_name} and {value!r} in {extra_name}: the files conflict; "
+                                      "remove it from one of them")
+    return out
+
+
+def load_config(path: Path | list[Path] | None, env: dict[str, str] | None = None) -> Config:
+    """``path``: one file, several (``understudy serve --config base.toml --config tuned.toml``:
+    merged with ``merge_tables``; relative paths in any of them resolve against the first file's
+    folder), or None for ``$UNDERSTUDY_CONFIG``, else the embedded default."""
+    env = dict(os.environ) if env is None else env
+    paths = [] if path is None else (list(path) if isinstance(path, list) else [path])
+    if not paths and env.get("UNDERSTUDY_CONFIG"):
+        paths = [Path(env["UNDERSTUDY_CONFIG"])]
+    if not paths:
+        return parse_config({}, Path.cwd(), env)
+    data = _read_toml(paths[0])
+    for earlier, later in zip(paths, paths[1:]):
+        data = merge_tables(data, _read_toml(later), str(paths[0]) if earlier is paths[0] else "the files before it", str(later))
+    config = parse_config(data, paths[0].resolve().parent, env)
+    return replace(config, source=paths[0] if len(paths) == 1 else Path(" + ".join(map(str, paths))))
 
 
 def with_overrides(config: Config, host: str | None = None, port: int | None = None) -> Config:

@@ -179,3 +179,24 @@ def test_deadline_settings_parse() -> None:
     assert config.upstreams[0].slow.multiple == 4.0 and config.upstreams[0].slow.min_samples == 5
     auto = parse_config(_covered(first_token_deadline_s="auto"), Path("."), env={})
     assert next(w for w in auto.workloads if w.name == "w").hedge.deadline_s is None
+
+
+def test_a_tuned_fragment_adds_to_a_config_and_a_conflict_names_both_files(tmp_path: Path) -> None:
+    base = tmp_path / "hospital.toml"
+    base.write_text(f'[server]\nport = 9000\n[models.{SMOLLM2_ID}]\nslots = 4\n'
+                    '[[workloads]]\nname = "notes"\nfallback = "local"\nlocal_model = "' + SMOLLM2_ID + '"\n')
+    tuned = tmp_path / "tuned.toml"
+    tuned.write_text(f'[models.{SMOLLM2_ID}]\nslots = 4\nthreads = 1\n[models.{MINILM_ID}]\nmax_batch_requests = 16\n')
+    config = load_config([base, tuned], env={})
+    models = {m.id: m for m in config.models}
+    assert config.server.port == 9000
+    assert (models[SMOLLM2_ID].options.slots, models[SMOLLM2_ID].options.threads) == (4, 1)
+    assert models[MINILM_ID].options.max_batch_requests == 16
+    assert "notes" in [w.name for w in config.workloads]
+    tuned.write_text(f'[models.{SMOLLM2_ID}]\nslots = 12\n')
+    with pytest.raises(ConfigError) as err:
+        load_config([base, tuned], env={})
+    assert f"models.{SMOLLM2_ID}.slots" in str(err.value) and "hospital.toml" in str(err.value) and "tuned.toml" in str(err.value)
+    out = subprocess.run([sys.executable, "-m", "server", "serve", "--config", str(base), "--config", str(tuned)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and "conflict" in out.stderr and out.stderr.count("\n") == 1
