@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -26,15 +27,22 @@ from starlette.routing import Route
 
 from hardware.detect import HardwareInfo
 from hardware.fallbacks import fallback_warnings
+from hardware.nvml import detect_gpus
 from models.capabilities import engine_caps
 from models.client import LocalClient
 from models.registry import ModelRegistry, ModelState
 from models.sizing import plan_for
-from server.auth import check_key
-from server.config import Config
+from server.config import Config, is_loopback
+from server.drain import Drain
 from server.drill import DrillManager
+from server.edge import LOOPBACK_HOSTS, Edge
 from server.errors import ApiError, InternalError, InvalidRequest, ModelNotFound, RequestTooLarge
+from server.events import EventBus
 from server.journal import Journal
+from server.keys import KeyFileError, KeyStore
+from server.limits import check_json_shape, check_key_caps
+from server.logs import request_log
+from server.metrics import CONTENT_TYPE, Metrics, StateCollector
 from server.local import LocalModels
 from server.prober import Prober
 from server.routing import CHAT, COMPLETIONS, EMBEDDINGS, SUMMARIZE, TRIAGE, Endpoint, Router
@@ -50,7 +58,10 @@ def error_response(exc: ApiError) -> JSONResponse:
 
 
 def crash_response(exc: Exception, method: str, path: str) -> JSONResponse:
-    """A bug: logged with its traceback (never the request's content), a plain 500 for the client."""
+    """A bug: logged with its traceback (never the request's content, nor the exception's message:
+    ``server.logs``), a plain 500 for the client. JSON too deep for the parser is the client's 400."""
+    if isinstance(exc, RecursionError):
+        return error_response(InvalidRequest("The JSON body is nested too deeply.", code="invalid_json"))
     log.error("unhandled %s on %s %s", type(exc).__name__, method, path, exc_info=exc)
     return error_response(InternalError("Internal server error."))
 
@@ -63,11 +74,15 @@ async def read_json(request: Request) -> tuple[bytes, Any]:
     if len(raw) > MAX_BODY_BYTES:
         raise RequestTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
     try:
-        return raw, json.loads(raw)
+        body = json.loads(raw)
+    except RecursionError:
+        raise InvalidRequest("The JSON body is nested too deeply.", code="invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be valid JSON "
             "(and the Content-Type application/json).", code="invalid_json") from None
+    check_json_shape(body)
+    return raw, body
 
 
 class FastPaths:
@@ -105,17 +120,46 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     registry = ModelRegistry(list(config.models), hardware, cache_dir=config.server.classifier_cache)
     local = LocalModels(LocalClient(registry))
     journal = Journal(config.server.state_dir / "journal.sqlite3")
+    metrics = Metrics({s.id for s in config.models}, {w.name for w in config.workloads})
+    events = EventBus([journal.consume, metrics.consume, request_log])
     upstreams = UpstreamSet()
     for up in config.upstreams:
         def listener(old: Any, new: Any, why: str, name: str = up.name) -> None:
             log.warning("upstream %s: breaker %s -> %s (%s)", name, old.value, new.value, why)
-            journal.record_breaker(name, old.value, new.value, why)
+            events.record_breaker(name, old.value, new.value, why)
         upstreams.by_name[up.name] = Upstream(up, transport=transport, listener=listener)
     default = config.default_upstream
     upstreams.default = upstreams.by_name[default.name] if default is not None else None
-    router = Router(local, upstreams, config.workloads, journal)
+    router = Router(local, upstreams, config.workloads, events)
     drills = DrillManager(upstreams, router.workloads, journal, registry, config.server.state_dir, config.server.max_drill_s,
-                          router.drilled, readiness=lambda: router.shadow.readiness(list(config.workloads)))
+                          router.drilled, readiness=lambda: router.shadow.readiness(list(config.workloads)), events=events)
+    server_cfg = config.server
+    keys = KeyStore(server_cfg.api_keys, server_cfg.admin_key, server_cfg.metrics_key, server_cfg.key_file)
+    drain = Drain(server_cfg.drain_grace_s, server_cfg.drain_timeout_s)
+    metrics.registry.register(StateCollector(
+        models=lambda: [(e.id, e.state.value) for e in registry.entries],
+        load=local.client.load,
+        breakers=lambda: [(u.name, u.breaker.state.value) for u in upstreams.by_name.values()],
+        hedges=lambda: dict(router.stats),
+        readiness=lambda: router.shadow.readiness(list(config.workloads)),
+        gpus=(lambda: detect_gpus()) if hardware.gpu.gpus else None,
+    ))
+
+    def reload_keys() -> None:
+        """SIGHUP: re-read the key file; a broken file keeps the old keys (and says why)."""
+        try:
+            count = keys.reload()
+        except KeyFileError as exc:
+            log.error("keys not reloaded, the old keys stay valid: %s", exc)
+            events.record_admin("keys_reload_failed", None, str(exc).split(":")[0])
+            return
+        log.warning("keys reloaded from %s: %d keys valid", keys.key_file, count)
+        events.record_admin("keys_reload", None, f"{count} keys valid")
+
+    async def prune_journal() -> None:
+        while True:
+            journal.prune(server_cfg.journal_retention_days * 86400)
+            await asyncio.sleep(3600)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -130,6 +174,9 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
         loader = threading.Thread(target=registry.load_all, args=(loop,), name="model-loader", daemon=True)
         loader.start()
         probers = [asyncio.create_task(Prober(u).run(), name=f"probe-{u.name}") for u in upstreams.by_name.values()]
+        probers.append(asyncio.create_task(prune_journal(), name="journal-retention"))
+        if keys.key_file is not None and threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(signal.SIGHUP, reload_keys)
         try:
             yield
         finally:
@@ -150,6 +197,9 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     app.state.router = router
     app.state.journal = journal
     app.state.drills = drills
+    app.state.keys = keys
+    app.state.drain = drain
+    app.state.events = events
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -169,8 +219,10 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         return crash_response(exc, request.method, request.url.path)
 
-    def authorize(request: Request) -> None:
-        check_key(request.headers.get("authorization"), config.server.api_keys)
+    def key_id(request: Request) -> str | None:
+        """The caller's key id (``server.edge`` checked the key already), for the journal."""
+        key = request.scope.get("understudy.key")
+        return key.id if key is not None else None
 
     # -- health --------------------------------------------------------------------------------
     @app.get("/health")
@@ -183,6 +235,9 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
         not use (a GPU a CPU-only build ignores...), never silent (``hardware.fallbacks``)."""
         models = {e.id: e.state.value for e in registry.entries}
         warnings = getattr(app.state, "warnings", [])
+        if drain.state != "serving":
+            return JSONResponse({"status": "draining", "reason": "the server is shutting down", "models": models},
+                                status_code=503, headers={"Retry-After": "5"})
         if not registry.loading_done:
             return JSONResponse({"status": "loading", "reason": "models are still loading", "models": models, "warnings": warnings},
                                 status_code=503)
@@ -196,7 +251,6 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     async def admin_hardware(request: Request) -> dict[str, Any]:
         """What was detected, what the engines can use, the plan (each setting with its reason), the
         warnings, and each model's settings as loaded."""
-        authorize(request)
         engines = getattr(app.state, "engines", None)
         return {"hardware": hardware.to_dict(), "engines": engines.to_dict() if engines is not None else None,
                 "plan": registry.plan.to_dict() if registry.plan is not None else None,
@@ -230,7 +284,6 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        authorize(request)
         data = [model_object(e) for e in registry.entries] + workload_objects()
         seen = {m["id"] for m in data}
         data += [m for m in await cloud_models() if m["id"] not in seen]
@@ -238,7 +291,6 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        authorize(request)
         entry = registry.get(model_id)
         if entry is not None:
             return model_object(entry)
@@ -252,10 +304,10 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
 
     # -- generation ----------------------------------------------------------------------------
     async def dispatch(endpoint: Endpoint, request: Request) -> Response:
-        authorize(request)
         raw, body = await read_json(request)
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+        check_key_caps(request.scope.get("understudy.key"), body)
         return await router.handle(endpoint, request, raw, body)
 
     fast = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS, "/v1/triage": TRIAGE,
@@ -270,7 +322,6 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     # -- admin ---------------------------------------------------------------------------------
     @app.get("/admin/status")
     async def admin_status(request: Request) -> dict[str, Any]:
-        authorize(request)
         return {
             "models": {e.id: {**e.describe(), "engine": e.engine.status() if e.engine else None} for e in registry.entries},
             "upstreams": {u.name: {"breaker": u.breaker.state.value, "retry_after_s": round(u.breaker.retry_after(), 1),
@@ -282,15 +333,14 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     @app.get("/admin/readiness")
     async def readiness(request: Request) -> dict[str, Any]:
         """Shadow mode's per-workload local readiness over the last day (``server.shadow``)."""
-        authorize(request)
         return {"object": "readiness", "workloads": router.shadow.readiness(list(config.workloads))}
 
     @app.post("/admin/drill")
     async def drill_start(request: Request) -> JSONResponse:
         """Start an outage drill (``server.drill``): 200 with the drill, 400 for bad input, 409 if one runs."""
-        authorize(request)
         _, body = await read_json(request)
         drill = drills.start(body)
+        events.record_admin("drill_start", key_id(request), f"{drill.id}, {body.get('duration_s')} s")
         covered = [w.name for w in config.workloads if w.covered and not w.local_only
                    and (not drill.workloads or w.name in drill.workloads)]
         uncovered = [w.name for w in config.workloads if not w.covered] if drill.upstreams else []
@@ -299,21 +349,35 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
 
     @app.get("/admin/drill")
     async def drill_status(request: Request) -> dict[str, Any]:
-        authorize(request)
         return drills.status()
 
     @app.delete("/admin/drill")
     async def drill_abort(request: Request) -> dict[str, Any]:
-        authorize(request)
         drill = await drills.abort()
+        events.record_admin("drill_abort", key_id(request), drill.id)
         return {"drill": drill.describe(time.monotonic()), "report": drill.report}
 
     @app.get("/admin/events")
     async def admin_events(request: Request, limit: int = 100, kind: str | None = None) -> dict[str, Any]:
-        authorize(request)
-        if kind not in (None, "route", "breaker", "drill", "shadow"):
-            raise InvalidRequest("kind must be 'route', 'breaker', 'drill' or 'shadow'.", param="kind")
+        if kind not in (None, "route", "breaker", "drill", "shadow", "admin"):
+            raise InvalidRequest("kind must be 'route', 'breaker', 'drill', 'shadow' or 'admin'.", param="kind")
         rows = await asyncio.to_thread(journal.recent, max(1, min(limit, 10_000)), kind)
         return {"object": "list", "data": rows}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        """Prometheus text format (``server.metrics``); a metrics, admin (or, without those, client) key."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     return app
+
+
+def build_asgi(app: FastAPI) -> Edge:
+    """What uvicorn serves: ``Edge`` (host, keys, rate, drain) -> ``FastPaths`` -> the FastAPI app."""
+    server = app.state.config.server
+    hosts = server.allowed_hosts
+    if hosts is None:
+        allowed = LOOPBACK_HOSTS if is_loopback(server.host) else None
+    else:
+        allowed = None if "*" in hosts else frozenset(hosts) | LOOPBACK_HOSTS
+    return Edge(FastPaths(app), app.state.keys, allowed, app.state.drain)

@@ -24,14 +24,10 @@ from server.config import Config, ConfigError, load_config, with_overrides
 from hardware.tuning import MIB
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs a line per request at INFO (every probe, every /v1/models); keep it for debug.
-    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from server.logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -39,13 +35,32 @@ def _load(args: argparse.Namespace) -> Config:
     return with_overrides(config, getattr(args, "host", None), getattr(args, "port", None))
 
 
+def _refuse_insecure(config: Config, insecure: bool) -> str | None:
+    """Why this config must not start (one line), or None."""
+    from server.config import is_loopback
+
+    server = config.server
+    has_keys = bool(server.api_keys or server.admin_key or server.key_file)
+    if not is_loopback(server.host) and not has_keys and not insecure:
+        return (f"refusing to listen on {server.host} without API keys: anyone on the network could use it. Set "
+                "UNDERSTUDY_API_KEYS (and UNDERSTUDY_ADMIN_KEY), or [server] key_file, or pass --insecure-no-auth")
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
-    _setup_logging(config.server.log_level)
+    _setup_logging(config.server.log_level, args.log_format or config.server.log_format)
+    why = _refuse_insecure(config, args.insecure_no_auth)
+    if why:
+        print(f"understudy: {why}", file=sys.stderr)
+        return 2
+    import asyncio
+    import signal
+
     import uvicorn
 
     from hardware.detect import detect
-    from server.app import FastPaths, create_app
+    from server.app import build_asgi, create_app
 
     hw = detect()
     log = logging.getLogger("understudy")
@@ -53,15 +68,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
              hw.usable_memory_bytes // MIB, ", ".join(g.name for g in hw.gpu.gpus) or f"none ({hw.gpu.reason})")
     log.info("config: %s", config.source or "none (embedded default, fully local)")
     app = create_app(config, hw)
-    uvicorn.run(
-        FastPaths(app),
-        host=config.server.host,
-        port=config.server.port,
-        log_level=config.server.log_level,
-        access_log=config.server.log_level == "debug",
-        timeout_graceful_shutdown=10,
-        proxy_headers=False,
+    drain, events = app.state.drain, app.state.events
+    server_cfg = config.server
+    uv_config = uvicorn.Config(
+        build_asgi(app), host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level, log_config=None,
+        access_log=server_cfg.log_level == "debug", timeout_graceful_shutdown=5, proxy_headers=False,
+        ssl_certfile=str(server_cfg.tls_cert) if server_cfg.tls_cert else None,
+        ssl_keyfile=str(server_cfg.tls_key) if server_cfg.tls_key else None,
     )
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM drains (``server.drain``); a second SIGTERM, or SIGINT, ends what is left with
+        an error event and stops."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            loop = asyncio.get_event_loop()
+            if sig == signal.SIGTERM and drain.state == "serving":
+                def begin() -> None:
+                    loop.create_task(drain.run(lambda: setattr(self, "should_exit", True),
+                                               lambda step, detail: events.record_admin(step, None, detail)))
+                loop.call_soon_threadsafe(begin)
+                return
+            if drain.state != "stopping":
+                async def stop() -> None:
+                    await drain.finish(lambda step, detail: events.record_admin(step, None, detail))
+                    self.should_exit = True
+                loop.call_soon_threadsafe(lambda: loop.create_task(stop()))
+                return
+            super().handle_exit(sig, frame)
+
+    DrainingServer(uv_config).run()
     return 0
 
 
@@ -185,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "default); give it again to add a fragment such as `understudy bench --write-config`'s")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON objects")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="allow listening beyond loopback with no API key (never on a hospital network)")
     serve.set_defaults(func=cmd_serve)
     models = sub.add_parser("models", help="the model catalog")
     models_sub = models.add_subparsers(dest="models_command", required=True)

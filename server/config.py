@@ -33,7 +33,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     embedded_models: bool = True
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     log_level: str = "info"
     state_dir: Path = Path(".understudy")
     cache_dir: Path | None = None
@@ -41,6 +41,19 @@ class ServerConfig:
     between servers); default ``<state_dir>/cache``."""
     max_drill_s: float = 3600.0
     """The longest outage drill ``POST /admin/drill`` accepts."""
+    admin_key: str | None = field(default=None, repr=False)
+    metrics_key: str | None = field(default=None, repr=False)
+    key_file: Path | None = None
+    allowed_hosts: tuple[str, ...] | None = None
+    """None: loopback names when bound to loopback, else any (``server.edge``)."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    log_format: str = "text"
+    drain_grace_s: float = 5.0
+    """After SIGTERM, /ready is 503 at once but new requests are still served this long."""
+    drain_timeout_s: float = 30.0
+    """Then running requests get this long to finish before they are ended with an error event."""
+    journal_retention_days: float = 90.0
 
     @property
     def classifier_cache(self) -> Path:
@@ -180,25 +193,59 @@ def _positive(value: Any, key: str) -> Any:
     return value
 
 
+def _nonnegative(value: Any, key: str) -> Any:
+    if value is not None and value < 0:
+        raise ConfigError(key, f"must be 0 or more, got {value}")
+    return value
+
+
 def _path(raw: str, base: Path) -> Path:
     p = Path(os.path.expanduser(raw))
     return p if p.is_absolute() else (base / p).resolve()
 
 
+def _is_loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return is_loopback(urlsplit(url).hostname or "")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _server(table: dict[str, Any], base: Path, env: dict[str, str]) -> ServerConfig:
     where = "server"
     _no_unknown(table, {"host", "port", "embedded_models", "api_key_env", "log_level", "state_dir", "cache_dir",
-                        "max_drill_s"}, where)
+                        "max_drill_s", "key_file", "allowed_hosts", "tls_cert", "tls_key", "log_format", "drain_grace_s",
+                        "drain_timeout_s", "journal_retention_days"}, where)
     port = _take(table, "port", int, where, 8080)
     if not 0 < port < 65536:
         raise ConfigError("server.port", f"must be between 1 and 65535, got {port}")
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] = tuple(k.strip() for k in env.get("UNDERSTUDY_API_KEYS", "").split(",") if k.strip())
     key_env = _take(table, "api_key_env", str, where)
     if key_env is not None:
-        raw = env.get(key_env, "")
-        keys = tuple(k.strip() for k in raw.split(",") if k.strip())
-        if not keys:
+        named = tuple(k.strip() for k in env.get(key_env, "").split(",") if k.strip())
+        if not named:
             raise ConfigError("server.api_key_env", f"environment variable {key_env} is empty or not set")
+        keys = tuple(dict.fromkeys(keys + named))
+    key_file = _take(table, "key_file", str, where)
+    hosts = _take(table, "allowed_hosts", list, where)
+    if hosts is not None and not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError("server.allowed_hosts", "must be a list of host names (\"*\" for any)")
+    tls = (_take(table, "tls_cert", str, where), _take(table, "tls_key", str, where))
+    if (tls[0] is None) != (tls[1] is None):
+        raise ConfigError("server.tls_cert", "tls_cert and tls_key go together")
+    fmt = _take(table, "log_format", str, where, "text")
+    if fmt not in ("text", "json"):
+        raise ConfigError("server.log_format", f"must be 'text' or 'json', got {fmt!r}")
     level = _take(table, "log_level", str, where, "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError("server.log_level", f"must be debug, info, warning or error, got {level!r}")
@@ -211,6 +258,17 @@ def _server(table: dict[str, Any], base: Path, env: dict[str, str]) -> ServerCon
         state_dir=_path(_take(table, "state_dir", str, where, ".understudy"), base),
         cache_dir=_path(cache, base) if (cache := _take(table, "cache_dir", str, where)) is not None else None,
         max_drill_s=_positive(_take(table, "max_drill_s", float, where, 3600.0), "server.max_drill_s"),
+        admin_key=env.get("UNDERSTUDY_ADMIN_KEY") or None,
+        metrics_key=env.get("UNDERSTUDY_METRICS_KEY") or None,
+        key_file=_path(key_file, base) if key_file else None,
+        allowed_hosts=tuple(h.lower() for h in hosts) if hosts is not None else None,
+        tls_cert=_path(tls[0], base) if tls[0] else None,
+        tls_key=_path(tls[1], base) if tls[1] else None,
+        log_format=fmt,
+        drain_grace_s=_nonnegative(_take(table, "drain_grace_s", float, where, 5.0), "server.drain_grace_s"),
+        drain_timeout_s=_positive(_take(table, "drain_timeout_s", float, where, 30.0), "server.drain_timeout_s"),
+        journal_retention_days=_positive(_take(table, "journal_retention_days", float, where, 90.0),
+                                         "server.journal_retention_days"),
     )
 
 
@@ -321,11 +379,15 @@ def _upstream(i: int, table: Any, env: dict[str, str]) -> UpstreamConfig:
     where = f"upstreams[{i}]"
     if not isinstance(table, dict):
         raise ConfigError(where, "must be a table ([[upstreams]] with name and base_url)")
-    _no_unknown(table, {"name", "base_url", "api_key_env", "default", *_UPSTREAM_FLOATS, *_BREAKER_KEYS, *_SLOW_KEYS}, where)
+    _no_unknown(table, {"name", "base_url", "api_key_env", "default", "allow_plain_http", *_UPSTREAM_FLOATS, *_BREAKER_KEYS,
+                        *_SLOW_KEYS}, where)
     name = _take(table, "name", str, where, required=True)
     url = _take(table, "base_url", str, where, required=True).rstrip("/")
     if not url.startswith(("http://", "https://")) or not url.endswith("/v1"):
         raise ConfigError(f"{where}.base_url", f"must be an http(s) URL ending in /v1, got {url!r}")
+    if url.startswith("http://") and not _is_loopback_url(url) and not _take(table, "allow_plain_http", bool, where, False):
+        raise ConfigError(f"{where}.base_url", "plain http:// to a host beyond loopback would send prompts and the API key "
+                                               "unencrypted; use https://, or set allow_plain_http = true (a TLS proxy on the same host)")
     key_env = _take(table, "api_key_env", str, where)
     key = ""
     if key_env is not None:

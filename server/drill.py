@@ -31,6 +31,7 @@ from models.registry import ModelRegistry
 from server.config import WorkloadConfig
 from server.errors import ApiError, InvalidRequest
 from server.failover.latency import percentile
+from server.events import EventBus
 from server.journal import Journal
 from server.upstream import UpstreamSet
 
@@ -74,8 +75,11 @@ class DrillManager:
 
     def __init__(self, upstreams: UpstreamSet, workloads: dict[str, WorkloadConfig], journal: Journal | None,
                  registry: ModelRegistry, state_dir: Path, max_duration_s: float, forced_workloads: set[str],
-                 readiness: Callable[[], dict[str, Any]] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 readiness: Callable[[], dict[str, Any]] | None = None, clock: Callable[[], float] = time.monotonic,
+                 events: EventBus | None = None) -> None:
+        """``journal``: read back for the report; ``events``: where the finished drill is published."""
         self.upstreams = upstreams
+        self.events = events
         self.workloads = workloads
         self.journal = journal
         self.registry = registry
@@ -210,9 +214,9 @@ class DrillManager:
         base.with_suffix(".json").write_text(json.dumps(report, indent=2))
         base.with_suffix(".md").write_text(render_markdown(report))
         report["files"] = [str(base.with_suffix(".md")), str(base.with_suffix(".json"))]
-        if self.journal is not None:
+        if self.events is not None:
             totals = report["totals"]
-            self.journal.record_drill(drill.id, report["verdict"], totals["requests"], totals["local"], totals["failed"],
+            self.events.record_drill(drill.id, report["verdict"], totals["requests"], totals["local"], totals["failed"],
                                       json.dumps({k: report[k] for k in ("duration_s", "ended_by", "upstreams", "workloads")}))
 
 

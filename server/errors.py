@@ -8,11 +8,13 @@ Exception tree (every class carries its HTTP status, OpenAI ``type`` and ``code`
     │   └── ContextLengthExceeded 400  code=context_length_exceeded
     ├── RequestTooLarge           413  code=request_too_large
     ├── Unauthorized              401  authentication_error / invalid_api_key
+    ├── Forbidden                 403  permission_error / insufficient_permissions (a key without the role)
     ├── ModelNotFound             404  code=model_not_found
-    ├── Overloaded                429  code=rate_limit_exceeded (queue full), with Retry-After
+    ├── Overloaded                429  code=rate_limit_exceeded (queue full, or the key's rate), with Retry-After
     ├── ModelUnavailable          503  code=model_unavailable (in the catalog, not loaded)
     ├── QueueTimeout              503  code=queue_timeout, with Retry-After
     ├── UpstreamUnavailable       503  code=upstream_unavailable, with Retry-After
+    ├── ShuttingDown              503  code=server_shutting_down (draining), with Retry-After
     └── InternalError             500  server_error (a bug; never carries request text)
 
 Routing decisions use ``server.upstream`` errors (transport vs status), not these.
@@ -84,6 +86,12 @@ class Unauthorized(ApiError):
     code = "invalid_api_key"
 
 
+class Forbidden(ApiError):
+    status = 403
+    type = "permission_error"
+    code = "insufficient_permissions"
+
+
 class ModelNotFound(ApiError):
     status = 404
     type = "invalid_request_error"
@@ -115,6 +123,12 @@ class UpstreamUnavailable(ApiError):
     status = 503
     type = "server_error"
     code = "upstream_unavailable"
+
+
+class ShuttingDown(ApiError):
+    status = 503
+    type = "server_error"
+    code = "server_shutting_down"
 
 
 class InternalError(ApiError):

@@ -1,13 +1,13 @@
 """The routing journal: every routing decision and breaker transition, in SQLite (WAL).
 
-What is stored: time, kind (``route`` or ``breaker``), request id, endpoint, workload, upstream,
+What is stored: time, kind (``route``, ``breaker``, ``drill``, ``shadow``, ``admin``), request id, endpoint, workload, upstream,
 route (``cloud``/``local``, or ``none`` when nobody answered), model, reason, HTTP status, latency, token counts, and
 for a breaker transition its old and new state and why. For a local classification, ``provenance``
 holds (as JSON) the sha256 of the classifier head, of its examples file and of its red-flag list,
 and how many answers were abstentions or raised by a red flag: numbers and hashes only. **Never** prompt or completion text:
 the table has no column for it.
 
-Writes come from the event loop (``record_*``) and are queued to one writer thread, which commits
+Rows come from the ``server.events.EventBus`` (``Journal.consume``, on the event loop) and are queued to one writer thread, which commits
 them in batches, at most every 20 ms (one commit per batch keeps the writer off the event
 loop's back under load). The database runs in WAL mode with
 ``synchronous=NORMAL``: a committed row survives ``kill -9`` of the server (the WAL is in the
@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from server.events import AdminAction, BreakerChanged, DrillFinished, Event, RouteDone, ShadowCompared
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -87,25 +89,28 @@ class Journal:
         self._thread.start()
 
     # -- event loop ----------------------------------------------------------------------------
-    def record_route(self, *, request_id: str, endpoint: str, workload: str | None, upstream: str | None, route: str,
-                     model: str | None, reason: str | None, status: int, latency_ms: float,
-                     prompt_tokens: int | None = None, completion_tokens: int | None = None, detail: str | None = None,
-                     provenance: str | None = None) -> None:
-        self._put((time.time(), "route", request_id, endpoint, workload, upstream, route, model, reason, status,
-                   round(latency_ms, 2), prompt_tokens, completion_tokens, detail, provenance))
+    def consume(self, ev: Event) -> None:
+        """The journal's sink on the ``server.events.EventBus``: one row per event, queued."""
+        if isinstance(ev, RouteDone):
+            self._put((ev.ts, "route", ev.request_id, ev.endpoint, ev.workload, ev.upstream, ev.route, ev.model, ev.reason,
+                       ev.status, round(ev.latency_ms, 2), ev.prompt_tokens, ev.completion_tokens, ev.detail, ev.provenance))
+        elif isinstance(ev, BreakerChanged):
+            self._put((ev.ts, "breaker", None, None, None, ev.upstream, None, None, f"{ev.old}->{ev.new}", None, None, None,
+                       None, ev.why, None))
+        elif isinstance(ev, DrillFinished):  # the full report is a file next to the journal
+            self._put((ev.ts, "drill", ev.drill_id, None, None, None, None, None, ev.verdict, None, None, ev.requests, ev.local,
+                       ev.detail, json.dumps({"failed": ev.failed})))
+        elif isinstance(ev, ShadowCompared):  # labels and cosines; never any text
+            self._put((ev.ts, "shadow", None, None, ev.workload, None, "local", ev.model, ev.outcome, None, None, None, None,
+                       ev.numbers, None))
+        elif isinstance(ev, AdminAction):
+            who = f"key {ev.key_id}" if ev.key_id else "no key (keys are off)"
+            self._put((ev.ts, "admin", None, None, None, None, None, None, ev.action, None, None, None, None,
+                       f"{who}; {ev.detail}" if ev.detail else who, None))
 
-    def record_breaker(self, upstream: str, old: str, new: str, why: str) -> None:
-        self._put((time.time(), "breaker", None, None, None, upstream, None, None, f"{old}->{new}", None, None, None, None, why, None))
-
-    def record_drill(self, drill_id: str, verdict: str, requests: int, local: int, failed: int, detail: str) -> None:
-        """A finished drill: its verdict and counts (the full report is a file next to the journal)."""
-        self._put((time.time(), "drill", drill_id, None, None, None, None, None, verdict, None, None, requests, local,
-                   detail, json.dumps({"failed": failed})))
-
-    def record_shadow(self, workload: str, model: str | None, outcome: str, numbers: str) -> None:
-        """A shadow comparison: its outcome and numbers (labels, cosine); never any text."""
-        self._put((time.time(), "shadow", None, None, workload, None, "local", model, outcome, None, None, None, None,
-                   numbers, None))
+    def prune(self, older_than_s: float) -> None:
+        """Queue the deletion of rows older than ``older_than_s`` (the writer thread runs it)."""
+        self._queue.put(("prune", time.time() - older_than_s))
 
     def _put(self, row: tuple[Any, ...]) -> None:
         self._queue.put(row)
@@ -144,7 +149,7 @@ class Journal:
             waiters: list[threading.Event] = []
             if isinstance(item, threading.Event):
                 waiters.append(item)
-            rows = [] if item is _STOP or waiters else [item]
+            rows: list[Any] = [] if item is _STOP or waiters else [item]
             stop = item is _STOP
             while len(rows) < 500:
                 try:
@@ -158,6 +163,14 @@ class Journal:
                     waiters.append(nxt)
                     continue
                 rows.append(nxt)
+            prunes = [r for r in rows if r[0] == "prune"]
+            rows = [r for r in rows if r[0] != "prune"]
+            for _, cutoff in prunes:
+                try:
+                    self._conn.execute("DELETE FROM events WHERE ts < ?", (cutoff,))
+                    self._conn.commit()
+                except sqlite3.Error as exc:
+                    log.error("journal: old rows could not be pruned from %s: %s", self.path, exc)
             if rows:
                 try:
                     self._conn.executemany(_INSERT, rows)

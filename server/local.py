@@ -18,6 +18,7 @@ import base64
 import contextlib
 import functools
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -49,7 +50,8 @@ from server.sse import DisconnectWatch, SseResponse
 
 T = TypeVar("T")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-Done = Callable[[int, "int | None", "int | None"], None]
+Done = Callable[..., None]
+"""``done(status, prompt_tokens, completion_tokens, *, ttft_s=None, itl_s=None)``."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -223,6 +225,7 @@ class LocalModels:
         """Submit ``gen`` and answer: a JSON body, or an SSE stream once the first output exists
         (so that a queue timeout can still be an HTTP status). ``done(status, prompt, completion)``
         is called once the answer is complete (at the end of the stream when streaming)."""
+        started = time.monotonic()
         channel = self.submit(gen, answer.priority)
         if not stream:
             body = await self.complete(gen, channel, rid, receive, answer)
@@ -231,13 +234,15 @@ class LocalModels:
                 done(200, use["prompt_tokens"], use["completion_tokens"])
             return JSONResponse(body, headers=headers)
         first = await self.first_items(channel, receive)
-        return SseResponse(self.stream(gen, channel, rid, first, answer, done), headers={**SSE_HEADERS, **headers})
+        return SseResponse(self.stream(gen, channel, rid, first, answer, done, started), headers={**SSE_HEADERS, **headers})
 
     async def stream(self, gen: Generation, channel: Channel, rid: str, first: list[Any], answer: LocalAnswer,
-                     done: Done | None = None) -> AsyncIterator[bytes]:
-        """SSE body. Closing the generator (client gone) cancels the request."""
+                     done: Done | None = None, started: float | None = None) -> AsyncIterator[bytes]:
+        """SSE body. Closing the generator (client gone) cancels the request. ``done`` also gets
+        the time to the first text and the mean time between tokens (``ttft_s``, ``itl_s``)."""
         writer = fmt.ChunkWriter(rid, gen.entry.id, gen.chat, gen.include_usage, answer.marker())
         final: Final | None = None
+        first_at = last_at = None
         sent: list[str] | None = [] if gen.sampling.grammar is not None else None  # JSON mode: kept to close a cut answer
         try:
             head = writer.first()
@@ -247,6 +252,8 @@ class LocalModels:
                 out = head
                 head = b""
                 if text:
+                    last_at = time.monotonic()
+                    first_at = first_at or last_at
                     out += writer.text(text)
                     if sent is not None:
                         sent.append(text)
@@ -271,12 +278,15 @@ class LocalModels:
         finally:
             channel.cancel()
             if done is not None:
+                ttft = first_at - started if first_at is not None and started is not None else None
+                n = final.completion_tokens if final is not None else 0
+                itl = (last_at - first_at) / (n - 1) if first_at is not None and last_at is not None and n > 1 else None
                 if final is None:
-                    done(499, None, None)
+                    done(499, None, None, ttft_s=ttft, itl_s=itl)
                 elif final.error is not None:
-                    done(engine_error(final.error).status, final.prompt_tokens, final.completion_tokens)
+                    done(engine_error(final.error).status, final.prompt_tokens, final.completion_tokens, ttft_s=ttft, itl_s=itl)
                 else:
-                    done(200, final.prompt_tokens, final.completion_tokens)
+                    done(200, final.prompt_tokens, final.completion_tokens, ttft_s=ttft, itl_s=itl)
 
     # -- embeddings --------------------------------------------------------------------------------
     async def embed(self, req: EmbeddingRequest, model_id: str, receive: Receive | None, answer: LocalAnswer) -> dict[str, Any]:

@@ -20,7 +20,7 @@ Called by the ``/v1`` handlers on the event loop (``Router.handle``). Per reques
    ``X-Understudy-Model`` (the model that produced it), ``X-Understudy-Workload`` when one matched,
    and ``X-Understudy-Fallback-Reason`` (``circuit_open``, ``connect_error``, ``timeout``,
    ``upstream_5xx``, ``rate_limited``) when local answered because of the cloud.
-5. **Journal**: every decision is recorded (``server.journal``), with no request text.
+5. **Events**: every decision is published once (``server.events``: the journal, metrics and the request log consume it), with no request text.
 
 A request that is served locally after a failover is validated against what the local engine
 implements; a parameter it cannot honour (``tools``, ``n`` > 1...) makes the fallback a 503 that
@@ -46,7 +46,7 @@ from server import openai_format as fmt
 from server.breaker import BreakerState, CircuitBreaker
 from server.config import WorkloadConfig
 from server.errors import ApiError, InvalidRequest, UpstreamUnavailable
-from server.journal import Journal
+from server.events import EventBus
 from server.failover.attempt import Attempt
 from server.failover.health import Health
 from server.failover.planner import First, LocalLoad, choose, may_hedge
@@ -102,6 +102,8 @@ class Exchange:
     """The backend chosen (``cloud``/``local``), for the headers of an error answer too."""
     size: int = 0
     recorded: bool = False
+    key_id: str | None = None
+    """The API key's id (``server.keys``), never the key."""
 
 
 class Router:
@@ -110,14 +112,14 @@ class Router:
         local: LocalModels,
         upstreams: UpstreamSet,
         workloads: tuple[WorkloadConfig, ...],
-        journal: Journal | None,
+        events: EventBus | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.local = local
         self.upstreams = upstreams
         self.workloads = {w.name: w for w in workloads}
         self._by_model = {name: w for w in workloads for name in (w.name, *w.models)}
-        self.journal = journal
+        self.events = events
         self._clock = clock
         self.triage = TriageWorkload(local)
         self.summaries = SummariesWorkload(local)
@@ -125,7 +127,7 @@ class Router:
         self._hedges: dict[str, int] = {}
         """Speculative local answers running now, per local model (the hedge budget's count)."""
         self.stats = {"covered_cloud_attempts": 0, "hedged": 0, "hedges_won_by_local": 0}
-        self.shadow = Shadow(local, self.summaries, journal)
+        self.shadow = Shadow(local, self.summaries, events)
         self.drilled: set[str] = set()
         """Covered workloads a drill answers locally as if their upstream were down (``server.drill``)."""
 
@@ -152,7 +154,8 @@ class Router:
 
     async def handle(self, endpoint: Endpoint, request: Request, raw: bytes, body: dict[str, Any]) -> Response:
         model = body.get("model")
-        ex = Exchange(fmt.new_id(endpoint.prefix), endpoint, self._clock(), size=len(raw))
+        key = request.scope.get("understudy.key")
+        ex = Exchange(fmt.new_id(endpoint.prefix), endpoint, self._clock(), size=len(raw), key_id=key.id if key else None)
         try:
             if endpoint is TRIAGE:
                 return await self._triage_api(ex, request, body)
@@ -363,7 +366,7 @@ class Router:
             await stream.aclose()
             usage = stream.usage or {}
             self._record(ex, "cloud", model, reason, 200, usage.get("prompt_tokens"), usage.get("completion_tokens"),
-                         detail="stream broken" if reason else None)
+                         detail="stream broken" if reason else None, ttft_s=ready.first_content_s)
 
     def _relay_rejection(self, ex: Exchange, upstream: Upstream, exc: UpstreamRejected, body: dict[str, Any]) -> Response:
         model = body.get("model") if isinstance(body.get("model"), str) else None
@@ -491,19 +494,21 @@ class Router:
         return upstream.breaker.retry_after() if upstream is not None else 1.0
 
     def _on_local_done(self, ex: Exchange, model: str, reason: str | None) -> Callable[..., None]:
-        def done(status: int, prompt: int | None, completion: int | None, provenance: str | None = None) -> None:
-            self._record(ex, "local", model, reason, status, prompt, completion, provenance=provenance)
+        def done(status: int, prompt: int | None, completion: int | None, provenance: str | None = None,
+                 ttft_s: float | None = None, itl_s: float | None = None) -> None:
+            self._record(ex, "local", model, reason, status, prompt, completion, provenance=provenance, ttft_s=ttft_s, itl_s=itl_s)
         return done
 
-    # -- journal ---------------------------------------------------------------------------------
+    # -- events ----------------------------------------------------------------------------------
     def _record(self, ex: Exchange, route: str, model: str | None, reason: str | None, status: int,
                 prompt: int | None = None, completion: int | None = None, detail: str | None = None,
-                provenance: str | None = None) -> None:
+                provenance: str | None = None, ttft_s: float | None = None, itl_s: float | None = None) -> None:
         ex.recorded = True
-        if self.journal is None:
+        if self.events is None:
             return
-        self.journal.record_route(
+        self.events.record_route(
             request_id=ex.rid, endpoint=ex.endpoint.name, workload=ex.workload.name if ex.workload else None,
             upstream=ex.upstream, route=route, model=model, reason=reason, status=status,
             latency_ms=(self._clock() - ex.started) * 1000, prompt_tokens=prompt, completion_tokens=completion, detail=detail,
-            provenance=provenance)
+            provenance=provenance, key_id=ex.key_id, ttft_ms=None if ttft_s is None else ttft_s * 1000,
+            itl_ms=None if itl_s is None else itl_s * 1000)

@@ -33,7 +33,7 @@ import numpy as np
 
 from models.priority import Priority
 from server.config import WorkloadConfig
-from server.journal import Journal
+from server.events import EventBus
 from server.local import LocalModels
 
 log = logging.getLogger("understudy.shadow")
@@ -106,11 +106,11 @@ def cloud_label(text: str, labels: tuple[str, ...]) -> str | None:
 
 
 class Shadow:
-    def __init__(self, local: LocalModels, summaries: Any, journal: Journal | None,
+    def __init__(self, local: LocalModels, summaries: Any, events: EventBus | None,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         self.local = local
         self.summaries = summaries
-        self.journal = journal
+        self.events = events
         self._clock = clock
         self._rng = rng or random.Random()
         self._samples: dict[str, deque[Sample]] = {}
@@ -187,10 +187,10 @@ class Shadow:
     def _record(self, wl: WorkloadConfig, sample: Sample) -> None:
         window = self._samples.setdefault(wl.name, deque(maxlen=MAX_SAMPLES))
         window.append(sample)
-        if self.journal is not None:
+        if self.events is not None:
             numbers = {k: v for k, v in (("cloud_label", sample.cloud_label), ("local_label", sample.local_label),
                                          ("cosine", sample.cosine), ("supported", sample.supported)) if v is not None}
-            self.journal.record_shadow(wl.name, wl.local_model, sample.outcome, json.dumps(numbers, separators=(",", ":")))
+            self.events.record_shadow(wl.name, wl.local_model, sample.outcome, json.dumps(numbers, separators=(",", ":")))
 
     # -- readiness -------------------------------------------------------------------------------
     def readiness(self, workloads: list[WorkloadConfig]) -> dict[str, Any]:

@@ -71,13 +71,34 @@ class SseResponse(Response):
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:  # type: ignore[override]
         body = self.body_iterator
+        drain = scope.get("understudy.drain")  # server.drain: a shutdown may end this stream with an error event
+        task = asyncio.current_task()
+        if drain is not None and task is not None:
+            drain.register(task)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             with DisconnectWatch(receive):
-                async for chunk in body:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tail = b""
+                try:
+                    async for chunk in body:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except asyncio.CancelledError:
+                    if drain is None or not drain.was_cut(task):
+                        raise
+                    assert task is not None
+                    task.uncancel()
+                    tail = shutdown_event()
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
         except (ClientGone, OSError):
             pass
         finally:
+            if drain is not None and task is not None:
+                drain.unregister(task)
             await body.aclose()  # type: ignore[attr-defined]
+
+
+def shutdown_event() -> bytes:
+    from server import openai_format as fmt
+    from server.drain import SHUTTING_DOWN
+
+    return fmt.sse_error(SHUTTING_DOWN, "server_shutting_down") + fmt.DONE

@@ -1,0 +1,78 @@
+"""Graceful shutdown: SIGTERM drains the box without cutting an answer silently.
+
+Sequence (``Drain.run``, started by ``understudy serve``'s SIGTERM handler, ``server.cli``):
+1. ``draining``: ``/ready`` answers 503 at once, so a load balancer stops sending, but new
+   requests are still served for ``drain_grace_s`` (longer than the balancer's health-check
+   interval: requests it sent before it noticed are not refused).
+2. ``refusing``: new requests get 503 ``server_shutting_down`` + ``Retry-After``; requests already
+   running get up to ``drain_timeout_s`` to finish.
+3. Streams still running then are ended with an SSE error event and ``[DONE]`` (``cut``): a client
+   always sees that its answer is incomplete. The server then stops (the journal is flushed by the
+   app's shutdown) and exits 0. A second SIGTERM skips to step 3.
+
+``Edge`` counts requests in flight and refuses in step 2; ``server.sse.SseResponse`` registers its
+task so step 3 can end it with an error event. Event-loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+SHUTTING_DOWN = "The server is shutting down; the answer above is incomplete. Retry the request (another box may take it)."
+
+
+class Drain:
+    def __init__(self, grace_s: float, timeout_s: float) -> None:
+        self.grace_s = grace_s
+        self.timeout_s = timeout_s
+        self.state = "serving"
+        self.inflight = 0
+        self._streams: set[asyncio.Task[object]] = set()
+        self._cut: set[asyncio.Task[object]] = set()
+        self.cut_count = 0
+
+    @property
+    def refusing(self) -> bool:
+        return self.state in ("refusing", "stopping")
+
+    def register(self, task: asyncio.Task[object]) -> None:
+        self._streams.add(task)
+
+    def unregister(self, task: asyncio.Task[object]) -> None:
+        self._streams.discard(task)
+        self._cut.discard(task)
+
+    def was_cut(self, task: asyncio.Task[object] | None) -> bool:
+        return task in self._cut
+
+    def cut_all(self) -> int:
+        """End every running stream with an error event (``SseResponse`` writes it)."""
+        tasks = [t for t in self._streams if t not in self._cut and not t.done()]
+        for task in tasks:
+            self._cut.add(task)
+            task.cancel()
+        self.cut_count += len(tasks)
+        return len(tasks)
+
+    async def run(self, stop: Callable[[], None], on_step: Callable[[str, str], None] | None = None) -> None:
+        """Steps 1-3, then ``stop()`` (uvicorn's ``should_exit``)."""
+        note = on_step or (lambda step, detail: None)
+        self.state = "draining"
+        note("drain_start", f"grace {self.grace_s:g} s, timeout {self.timeout_s:g} s, {self.inflight} in flight")
+        await asyncio.sleep(self.grace_s)
+        self.state = "refusing"
+        deadline = time.monotonic() + self.timeout_s
+        while self.inflight > 0 and time.monotonic() < deadline and self.state == "refusing":
+            await asyncio.sleep(0.05)
+        await self.finish(note)
+        stop()
+
+    async def finish(self, note: Callable[[str, str], None] | None = None) -> None:
+        self.state = "stopping"
+        cut = self.cut_all()
+        if cut:
+            await asyncio.sleep(0.2)  # let the cut streams write their error event
+        if note is not None:
+            note("drain_end", f"{cut} streams ended with an error event, {self.inflight} still in flight")
