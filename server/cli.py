@@ -181,6 +181,30 @@ def _plan_table(plan: Any) -> str:
     return "\n".join(lines + refused)
 
 
+def _export_journal(path: Path, out: Path) -> int:
+    """A consistent copy of the journal (SQLite's online backup: safe while the server writes)."""
+    import sqlite3
+
+    if out.exists():
+        print(f"understudy: {out} exists; choose a new file", file=sys.stderr)
+        return 2
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        dst = sqlite3.connect(tmp)
+        with dst:
+            src.backup(dst)
+        dst.close()
+        src.close()
+        tmp.replace(out)
+    except (OSError, sqlite3.Error) as exc:
+        tmp.unlink(missing_ok=True)
+        print(f"understudy: could not export the journal to {out}: {exc}", file=sys.stderr)
+        return 2
+    print(f"journal exported to {out} ({out.stat().st_size} bytes)")
+    return 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     from server.journal import connect, read_recent
 
@@ -189,6 +213,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"no journal at {path} yet (the server writes it once it has routed a request)", file=sys.stderr)
         return 1
+    if args.export:
+        return _export_journal(path, Path(args.export))
     conn = connect(path, readonly=True)
     try:
         rows = list(reversed(read_recent(conn, args.limit, args.kind)))
@@ -234,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="recent routing decisions and breaker transitions (the journal)")
     events.add_argument("--config", action="append")
     events.add_argument("--limit", type=int, default=50)
-    events.add_argument("--kind", choices=["route", "breaker", "drill"])
+    events.add_argument("--kind", choices=["route", "breaker", "drill", "shadow", "admin"])
     events.add_argument("--json", action="store_true")
+    events.add_argument("--export", metavar="FILE", help="write a consistent copy of the whole journal (SQLite) to FILE")
     events.set_defaults(func=cmd_events)
     hardware = sub.add_parser("hardware", help="what this machine has, and (--plan) how the models would be placed on it")
     hardware.add_argument("--plan", action="store_true", help="each model's engine settings with the reason for each")

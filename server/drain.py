@@ -6,12 +6,14 @@ Sequence (``Drain.run``, started by ``understudy serve``'s SIGTERM handler, ``se
    interval: requests it sent before it noticed are not refused).
 2. ``refusing``: new requests get 503 ``server_shutting_down`` + ``Retry-After``; requests already
    running get up to ``drain_timeout_s`` to finish.
-3. Streams still running then are ended with an SSE error event and ``[DONE]`` (``cut``): a client
-   always sees that its answer is incomplete. The server then stops (the journal is flushed by the
+3. Streams still running then are ended with an SSE error event and ``[DONE]``, and requests still
+   queued with a 503 (``cut``): a client always sees that its answer is incomplete. The server then stops (the journal is flushed by the
    app's shutdown) and exits 0. A second SIGTERM skips to step 3.
 
-``Edge`` counts requests in flight and refuses in step 2; ``server.sse.SseResponse`` registers its
-task so step 3 can end it with an error event. Event-loop thread only.
+``Edge`` counts and registers every request's task and refuses new ones in step 2. Step 3 cancels
+the tasks still running: ``server.sse.SseResponse`` turns that into an error event at the end of
+its stream, and ``Edge`` into a 503 for a request that had not started its answer (still queued).
+Event-loop thread only.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Drain:
         return task in self._cut
 
     def cut_all(self) -> int:
-        """End every running stream with an error event (``SseResponse`` writes it)."""
+        """End every request still running: streams with an error event, the others with a 503."""
         tasks = [t for t in self._streams if t not in self._cut and not t.done()]
         for task in tasks:
             self._cut.add(task)

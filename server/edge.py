@@ -17,6 +17,7 @@ One instance wraps ``server.app.FastPaths``; event-loop thread only.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -70,11 +71,30 @@ class Edge:
             await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())(scope, receive, send)
             return
         scope["understudy.drain"] = self.drain
-        self.drain.inflight += 1
+        drain = self.drain
+        task = asyncio.current_task()
+        assert task is not None
+        drain.inflight += 1
+        drain.register(task)
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not drain.was_cut(task):
+                raise
+            task.uncancel()  # ended by the drain (server.drain) before it answered: a clean 503
+            if not started:
+                exc = ShuttingDown("The server is shutting down; retry the request (another box may take it).", retry_after=5)
+                await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())(scope, receive, send)
         finally:
-            self.drain.inflight -= 1
+            drain.inflight -= 1
+            drain.unregister(task)
 
     def _admit(self, scope: dict[str, Any]) -> None:
         headers = {k: v for k, v in scope.get("headers", ()) if k in (b"host", b"authorization")}

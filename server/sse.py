@@ -73,8 +73,6 @@ class SseResponse(Response):
         body = self.body_iterator
         drain = scope.get("understudy.drain")  # server.drain: a shutdown may end this stream with an error event
         task = asyncio.current_task()
-        if drain is not None and task is not None:
-            drain.register(task)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             with DisconnectWatch(receive):
@@ -92,8 +90,6 @@ class SseResponse(Response):
         except (ClientGone, OSError):
             pass
         finally:
-            if drain is not None and task is not None:
-                drain.unregister(task)
             await body.aclose()  # type: ignore[attr-defined]
 
 
