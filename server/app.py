@@ -33,6 +33,7 @@ from models.client import LocalClient
 from models.registry import ModelRegistry, ModelState
 from models.sizing import plan_for
 from server.config import Config, is_loopback
+from server.dashboard import mount as mount_dashboard
 from server.drain import Drain
 from server.drill import DrillManager
 from server.edge import LOOPBACK_HOSTS, Edge
@@ -318,6 +319,8 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
         app.router.routes.append(Route(path, handler, methods=["POST"]))
     app.state.fast_paths = {path: endpoint for path, endpoint in fast.items()}
     app.state.dispatch = dispatch
+    app.openapi = lambda: openapi_with_fast_paths(app, fast)  # type: ignore[method-assign]
+    mount_dashboard(app)
 
     # -- admin ---------------------------------------------------------------------------------
     @app.get("/admin/status")
@@ -370,6 +373,39 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def openapi_with_fast_paths(app: FastAPI, fast: dict[str, Endpoint]) -> dict[str, Any]:
+    """``/openapi.json``: FastAPI's schema plus the generation endpoints, which ``FastPaths``
+    serves outside FastAPI's routing, each with its real request schema (the pydantic model the
+    router validates with) and OpenAI's error shape. Built once."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    error = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+    components["Error"] = error
+    for path, endpoint in fast.items():
+        model = endpoint.schema
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+        errors = {str(code): {"description": why, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                  for code, why in ((400, "invalid request"), (401, "no or wrong API key"), (404, "unknown model"),
+                                    (413, "body too large"), (429, "overloaded"), (503, "unavailable"))}
+        schema.setdefault("paths", {})[path] = {"post": {
+            "summary": f"OpenAI-compatible {endpoint.name}" if endpoint.name not in ("triage", "summarize") else endpoint.name,
+            "operationId": f"create_{endpoint.name}",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}},
+            "responses": {"200": {"description": "the answer (JSON, or an SSE stream with stream=true)"}, **errors},
+        }}
+    app.openapi_schema = schema
+    return schema
 
 
 def build_asgi(app: FastAPI) -> Edge:
