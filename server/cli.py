@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.cli_drill import add_parser as add_drill
 
     add_drill(sub)
+    from server.cli_bench import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 
