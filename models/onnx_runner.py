@@ -15,6 +15,10 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 
+PAD_LIMIT = 1.25
+"""A sub-batch's padded tokens may be at most this many times its real tokens (``OnnxEmbedder.embed``)."""
+
+
 class OnnxEmbedder:
     def __init__(self, model_path: Path, tokenizer_path: Path, threads: int, max_length: int,
                  provider: str = "CPUExecutionProvider") -> None:
@@ -46,7 +50,29 @@ class OnnxEmbedder:
         return [len(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
 
     def embed(self, batch: list[list[int]]) -> np.ndarray:
-        """Float32 array [len(batch), dimensions], each row L2-normalised."""
+        """Float32 array [len(batch), dimensions], each row L2-normalised, in ``batch``'s order.
+
+        A batch runs as sub-batches of similar lengths (sorted, a new one whenever padding would
+        exceed ``PAD_LIMIT`` of the real tokens): one batch padded to its longest input wastes
+        most of its work when lengths vary (real triage messages, 27 tokens median and up to 156:
+        batch 32 padded as one ran at 52-62 embeddings/s against 130-141 one at a time)."""
+        if len(batch) <= 2:
+            return self._embed_padded(batch)
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
+        out = np.empty((len(batch), self.dimensions), dtype=np.float32)
+        group: list[int] = []
+        real = 0
+        for i in order:
+            n = len(batch[i])  # ascending: the group's longest if it joins
+            if group and n * (len(group) + 1) > PAD_LIMIT * (real + n):
+                out[group] = self._embed_padded([batch[j] for j in group])
+                group, real = [], 0
+            group.append(i)
+            real += n
+        out[group] = self._embed_padded([batch[j] for j in group])
+        return out
+
+    def _embed_padded(self, batch: list[list[int]]) -> np.ndarray:
         longest = max(len(ids) for ids in batch)
         input_ids = np.full((len(batch), longest), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(batch), longest), dtype=np.int64)
