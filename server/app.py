@@ -78,7 +78,7 @@ async def read_json(request: Request) -> tuple[bytes, Any]:
         body = json.loads(raw)
     except RecursionError:
         raise InvalidRequest("The JSON body is nested too deeply.", code="invalid_json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # not JSON, not UTF-8, or an integer of more than 4300 digits
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be valid JSON "
             "(and the Content-Type application/json).", code="invalid_json") from None
@@ -148,6 +148,9 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
 
     def reload_keys() -> None:
         """SIGHUP: re-read the key file; a broken file keeps the old keys (and says why)."""
+        if keys.key_file is None:
+            log.warning("SIGHUP: no [server] key_file to reload; keys from the environment need a restart")
+            return
         try:
             count = keys.reload()
         except KeyFileError as exc:
@@ -176,7 +179,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
         loader.start()
         probers = [asyncio.create_task(Prober(u).run(), name=f"probe-{u.name}") for u in upstreams.by_name.values()]
         probers.append(asyncio.create_task(prune_journal(), name="journal-retention"))
-        if keys.key_file is not None and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():  # always: SIGHUP's default would kill the server
             loop.add_signal_handler(signal.SIGHUP, reload_keys)
         try:
             yield
@@ -214,7 +217,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         body = {"error": {"message": f"{exc.detail}: {request.method} {request.url.path}", "type": kind, "param": None, "code": None}}
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

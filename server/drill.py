@@ -101,7 +101,7 @@ class DrillManager:
         if unknown:
             raise InvalidRequest(f"Unknown field(s) {', '.join(sorted(unknown))}.", param=sorted(unknown)[0])
         duration = body.get("duration_s")
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0:
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration < float("inf"):
             raise InvalidRequest("duration_s must be a positive number of seconds.", param="duration_s")
         if duration > self.max_duration_s:
             raise InvalidRequest(f"duration_s {duration:g} is longer than this server's maximum ({self.max_duration_s:g} s, "

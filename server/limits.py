@@ -57,15 +57,37 @@ def estimated_prompt_tokens(body: dict[str, Any]) -> int:
     return sum(_text_bytes(body.get(k)) for k in _TEXT_FIELDS) // 4
 
 
+def _number(value: Any) -> float | None:
+    """What the request schema's lax parsing will read as a number (``100``, ``100.0``, ``"100"``)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
 def check_key_caps(key: Key | None, body: dict[str, Any]) -> None:
+    """May set ``body["max_tokens"]``: a capped key's generation request that names no limit
+    (absent or null) gets the cap as its limit, never the whole context."""
     if key is None:
         return
-    if key.max_tokens is not None:
+    if key.max_tokens is not None and ("messages" in body or "prompt" in body):
+        asked_any = False
         for name in ("max_tokens", "max_completion_tokens"):
-            asked = body.get(name)
-            if isinstance(asked, int) and not isinstance(asked, bool) and asked > key.max_tokens:
-                raise InvalidRequest(f"{name} = {asked} is more than this API key may ask for ({key.max_tokens}).",
+            asked = _number(body.get(name))
+            if asked is None:
+                continue  # absent, null, or a type the schema refuses with its own 400
+            asked_any = True
+            if not asked <= key.max_tokens:
+                raise InvalidRequest(f"{name} = {body[name]} is more than this API key may ask for ({key.max_tokens}).",
                                      param=name, code="key_limit_exceeded")
+        if not asked_any:
+            body["max_tokens"] = key.max_tokens
     if key.max_prompt_tokens is not None:
         estimate = estimated_prompt_tokens(body)
         if estimate > key.max_prompt_tokens:

@@ -324,6 +324,28 @@ def _schema_grammar(schema_json: str) -> str:
     return json_schema_to_gbnf(schema_json).replace(_LOOSE_CHAR, _JSON_CHAR)
 
 
+MAX_SCHEMA_REPEAT = 4096
+"""The largest ``maxLength``/``maxItems``/... a schema for local generation may ask for: the
+converter spells a bound out as nested optional repetitions, and from about 20,000 llama.cpp's
+grammar parser overflows the stack (a crash of the whole server, found by fuzzing)."""
+_REPEAT_KEYS = ("maxLength", "minLength", "maxItems", "minItems", "maxProperties", "minProperties", "maxContains", "minContains")
+
+
+def _check_repetitions(schema: Any, param: str) -> None:
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in _REPEAT_KEYS:
+                value = node.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and not value <= MAX_SCHEMA_REPEAT:
+                    raise InvalidRequest(f"The JSON schema's {key} is above {MAX_SCHEMA_REPEAT}, more than local generation "
+                                         "can enforce.", param=param, code="invalid_value")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def response_grammar(req: ChatCompletionRequest, entry: ModelEntry) -> str | None:
     """The GBNF grammar that enforces ``response_format`` with llama.cpp's grammar sampler, so a
     local JSON answer always parses (unless ``max_tokens`` cuts it: ``finish_reason`` is then
@@ -336,11 +358,12 @@ def response_grammar(req: ChatCompletionRequest, entry: ModelEntry) -> str | Non
     assert fmt_.json_schema is not None
     schema = fmt_.json_schema.schema_ if fmt_.json_schema.schema_ is not None else {"type": "object"}
     param = "response_format.json_schema.schema"
+    _check_repetitions(schema, param)
     try:
         grammar = _schema_grammar(json.dumps(schema, sort_keys=True))
     except Exception as exc:  # the converter's refusals are ValueError, KeyError, NotImplementedError...
         raise InvalidRequest(f"The JSON schema cannot be turned into a grammar for local generation "
-                             f"({type(exc).__name__}: {str(exc)[:200]}).", param=param, code="invalid_value") from None
+                             f"({type(exc).__name__}).", param=param, code="invalid_value") from None
     if not entry.llm.grammar_ok(grammar):
         raise InvalidRequest("The JSON schema gives a grammar that llama.cpp refuses.", param=param, code="invalid_value")
     return grammar

@@ -100,7 +100,7 @@ class ContentPart(_Strict):
     @classmethod
     def _text_only(cls, v: str) -> str:
         if v != "text":
-            raise ValueError(f"content parts of type '{v}' are not supported; only 'text'")
+            raise ValueError("content parts other than type 'text' (images, audio, files) are not supported")
         return v
 
 
