@@ -122,18 +122,18 @@ def test_the_shipped_example_config_parses(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("data,key", [
     ({"upstreams": [{"name": "a", "base_url": "http://x/v2"}]}, "upstreams[0].base_url"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1", "api_key_env": "UNSET_KEY_VAR"}]}, "upstreams[0].api_key_env"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}, {"name": "a", "base_url": "http://y/v1"}]}, "upstreams[1].name"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1", "failure_rate": 2.0}]}, "upstreams[0].failure_rate"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "upstream": "b"}]}, "workloads[0].upstream"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "fallback": "local"}]}, "workloads[0].local_model"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "fallback": "local", "local_model": "nope"}]}, "workloads[0].local_model"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "fallback": "maybe"}]}, "workloads[0].fallback"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1", "api_key_env": "UNSET_KEY_VAR"}]}, "upstreams[0].api_key_env"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1"}, {"name": "a", "base_url": "https://y/v1"}]}, "upstreams[1].name"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1", "failure_rate": 2.0}]}, "upstreams[0].failure_rate"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1"}], "workloads": [{"name": "w", "upstream": "b"}]}, "workloads[0].upstream"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1"}], "workloads": [{"name": "w", "fallback": "local"}]}, "workloads[0].local_model"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1"}], "workloads": [{"name": "w", "fallback": "local", "local_model": "nope"}]}, "workloads[0].local_model"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1"}], "workloads": [{"name": "w", "fallback": "maybe"}]}, "workloads[0].fallback"),
     ({"workloads": [{"name": "w"}]}, "workloads[0].fallback"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "models": ["m"]}, {"name": "v", "models": ["m"]}]}, "workloads[1]"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": SMOLLM2_ID}]}, "workloads[0]"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w"}, {"name": "w"}]}, "workloads[1]"),
-    ({"upstreams": [{"name": "a", "base_url": "http://x/v1"}], "workloads": [{"name": "w", "local_model": SMOLLM2_ID}]}, "workloads[0].local_model"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1"}], "workloads": [{"name": "w", "models": ["m"]}, {"name": "v", "models": ["m"]}]}, "workloads[1]"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1"}], "workloads": [{"name": SMOLLM2_ID}]}, "workloads[0]"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1"}], "workloads": [{"name": "w"}, {"name": "w"}]}, "workloads[1]"),
+    ({"upstreams": [{"name": "a", "base_url": "https://x/v1"}], "workloads": [{"name": "w", "local_model": SMOLLM2_ID}]}, "workloads[0].local_model"),
 ])
 def test_invalid_failover_config_names_the_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -141,7 +141,7 @@ def test_invalid_failover_config_names_the_key(data: dict, key: str) -> None:
     assert info.value.key == key
 
 
-_UP = [{"name": "a", "base_url": "http://x/v1"}]
+_UP = [{"name": "a", "base_url": "https://x/v1"}]
 
 
 def _covered(**keys: object) -> dict:
