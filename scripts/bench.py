@@ -702,6 +702,7 @@ def capacity_search(url: str, wl: Workload, steps: int, seconds: float, seed: in
         "closed_loop_per_s": closed, "closed_loop_clients": wl.closed_clients, "steps": tried,
         "rate_per_min": int(best["rate_per_s"] * 60) if best else 0, "p95_s": best["p95_s"] if best else None,
         "sustained": best is not None,
+        "lower_bound": hi is None,
     }
 
 
@@ -1065,7 +1066,8 @@ def capacity_lines(capacity: dict[str, dict[str, Any]]) -> list[str]:
         what = "to the first sentence" if c.get("metric") == "first sentence" else \
             "to the first token" if c.get("metric") == "first token" else "end to end"
         if c["rate_per_min"] > 0:
-            lines.append(f"this box sustains {c['rate_per_min']} {name} requests a minute at p95 ≤ {c['target_p95_s']:g} s "
+            least = "at least " if c.get("lower_bound") else ""  # no rate tried failed: the search ran out of steps
+            lines.append(f"this box sustains {least}{c['rate_per_min']} {name} requests a minute at p95 ≤ {c['target_p95_s']:g} s "
                          f"({what}; measured p95 {_g(c['p95_s'], 3)} s)")
         else:
             lines.append(f"this box did not sustain {name} at any rate tried with p95 ≤ {c['target_p95_s']:g} s ({what})")
