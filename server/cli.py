@@ -2,12 +2,14 @@
 
     understudy serve [--config FILE] [--host H] [--port P]
     understudy models list [--config FILE] [--json]
+    understudy models pull URL --id ID --kind chat|embedding --sha256 HEX [--tokenizer URL --tokenizer-sha256 HEX]
+    understudy models verify [--config FILE] [--json]
     understudy hardware [--json]
     understudy events [--config FILE] [--limit N] [--kind route|breaker|drill] [--json]
     understudy drill [--url URL] [--duration S] [--upstreams A,B | --workloads W] [--synthetic RATE] [--abort]
 
 Exit status: 0 on success, 2 for a configuration or usage error (the message names the key),
-1 when ``events`` finds no journal yet.
+1 when ``events`` finds no journal yet, a ``models pull`` fails or ``models verify`` finds a bad file.
 """
 
 from __future__ import annotations
@@ -257,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--config", action="append")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_models)
+    from server.cli_models import add_parsers as add_models_parsers
+
+    add_models_parsers(models_sub)  # pull, verify
     events = sub.add_parser("events", help="recent routing decisions and breaker transitions (the journal)")
     events.add_argument("--config", action="append")
     events.add_argument("--limit", type=int, default=50)

@@ -22,6 +22,10 @@ from models.priority import WORKLOAD_PRIORITIES
 from server.breaker import BreakerConfig
 
 
+CATALOG_FILE = "models.toml"
+"""The pulled models' catalog, in the state directory unless ``[server] models_file`` names another."""
+
+
 class ConfigError(Exception):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
@@ -54,10 +58,17 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     """Then running requests get this long to finish before they are ended with an error event."""
     journal_retention_days: float = 90.0
+    models_file: Path | None = None
+    """The catalog of pulled models (``understudy models pull``); None: ``<state_dir>/models.toml``."""
 
     @property
     def classifier_cache(self) -> Path:
         return (self.cache_dir or self.state_dir / "cache") / "classifiers"
+
+    @property
+    def catalog_file(self) -> Path:
+        """Where ``understudy models pull`` writes its ``[models.<id>]`` tables and ``serve`` reads them."""
+        return self.models_file or self.state_dir / CATALOG_FILE
 
 
 @dataclass(frozen=True)
@@ -225,7 +236,7 @@ def _server(table: dict[str, Any], base: Path, env: dict[str, str]) -> ServerCon
     where = "server"
     _no_unknown(table, {"host", "port", "embedded_models", "api_key_env", "log_level", "state_dir", "cache_dir",
                         "max_drill_s", "key_file", "allowed_hosts", "tls_cert", "tls_key", "log_format", "drain_grace_s",
-                        "drain_timeout_s", "journal_retention_days"}, where)
+                        "drain_timeout_s", "journal_retention_days", "models_file"}, where)
     port = _take(table, "port", int, where, 8080)
     if not 0 < port < 65536:
         raise ConfigError("server.port", f"must be between 1 and 65535, got {port}")
@@ -269,6 +280,7 @@ def _server(table: dict[str, Any], base: Path, env: dict[str, str]) -> ServerCon
         drain_timeout_s=_positive(_take(table, "drain_timeout_s", float, where, 30.0), "server.drain_timeout_s"),
         journal_retention_days=_positive(_take(table, "journal_retention_days", float, where, 90.0),
                                          "server.journal_retention_days"),
+        models_file=_path(models_file, base) if (models_file := _take(table, "models_file", str, where)) else None,
     )
 
 
@@ -629,21 +641,89 @@ def merge_tables(into: dict[str, Any], extra: dict[str, Any], into_name: str, ex
     return out
 
 
-def load_config(path: Path | list[Path] | None, env: dict[str, str] | None = None) -> Config:
-    """``path``: one file, several (``understudy serve --config base.toml --config tuned.toml``:
-    merged with ``merge_tables``; relative paths in any of them resolve against the first file's
-    folder), or None for ``$UNDERSTUDY_CONFIG``, else the embedded default."""
+def config_data(path: Path | list[Path] | None, env: dict[str, str] | None = None) -> tuple[dict[str, Any], Path, str]:
+    """The merged TOML tables of the config files (without the pulled models' catalog), the folder
+    relative paths resolve against, and the files' names ("" for none: the embedded default).
+    ``path`` as for ``load_config``."""
     env = dict(os.environ) if env is None else env
     paths = [] if path is None else (list(path) if isinstance(path, list) else [path])
     if not paths and env.get("UNDERSTUDY_CONFIG"):
         paths = [Path(env["UNDERSTUDY_CONFIG"])]
     if not paths:
-        return parse_config({}, Path.cwd(), env)
+        return {}, Path.cwd(), ""
     data = _read_toml(paths[0])
     for earlier, later in zip(paths, paths[1:]):
         data = merge_tables(data, _read_toml(later), str(paths[0]) if earlier is paths[0] else "the files before it", str(later))
-    config = parse_config(data, paths[0].resolve().parent, env)
-    return replace(config, source=paths[0] if len(paths) == 1 else Path(" + ".join(map(str, paths))))
+    return data, paths[0].resolve().parent, " + ".join(map(str, paths))
+
+
+def catalog_file(data: dict[str, Any], base: Path) -> Path:
+    """Where the pulled models' catalog of this config is: ``[server] models_file``, else
+    ``<state_dir>/models.toml`` (``ServerConfig.catalog_file``, before the config is parsed)."""
+    server = data.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError("server", "must be a table")
+    named = _take(server, "models_file", str, "server")
+    if named is not None:
+        return _path(named, base)
+    return _path(_take(server, "state_dir", str, "server", ".understudy"), base) / CATALOG_FILE
+
+
+def read_catalog(path: Path) -> dict[str, dict[str, Any]]:
+    """The ``[models.<id>]`` tables of a pulled models' catalog (none while it does not exist),
+    with relative ``path``/``tokenizer`` values made absolute against the catalog's folder."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(str(path), f"the models file cannot be read ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    for key in data:
+        if key != "models":
+            raise ConfigError(f"{path}: {key}", "a models file holds only [models.<id>] tables")
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{path}: models", "must be a table of [models.<id>] tables")
+    out: dict[str, dict[str, Any]] = {}
+    folder = path.resolve().parent
+    for model_id, table in models.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"models.{model_id}", f"must be a table (in {path})")
+        table = dict(table)
+        for key in ("path", "tokenizer"):
+            if isinstance(table.get(key), str):
+                table[key] = str(_path(table[key], folder))
+        out[model_id] = table
+    return out
+
+
+def with_catalog(data: dict[str, Any], name: str, catalog: Path, models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The config's tables with the catalog's models merged in like ``[models.<id>]`` tables of
+    one more config file: a key set in both to different values is a ``ConfigError`` naming both
+    files (a model defined in the config wins nothing silently); other keys combine, so the config
+    may tune a pulled model (``[models.<id>] slots = 4``)."""
+    if not models:
+        return data
+    return merge_tables(data, {"models": models}, name or "the embedded default", f"{catalog} (the pulled models)")
+
+
+def load_config(path: Path | list[Path] | None, env: dict[str, str] | None = None) -> Config:
+    """``path``: one file, several (``understudy serve --config base.toml --config tuned.toml``:
+    merged with ``merge_tables``; relative paths in any of them resolve against the first file's
+    folder), or None for ``$UNDERSTUDY_CONFIG``, else the embedded default. The pulled models'
+    catalog (``catalog_file``) is merged in too."""
+    env = dict(os.environ) if env is None else env
+    data, base, name = config_data(path, env)
+    catalog = catalog_file(data, base)
+    pulled = read_catalog(catalog)
+    config = parse_config(with_catalog(data, name, catalog, pulled), base, env)
+    if pulled:
+        config = replace(config, models=tuple(replace(m, source="pulled") if m.id in pulled else m for m in config.models))
+    return replace(config, source=Path(name)) if name else config
 
 
 def with_overrides(config: Config, host: str | None = None, port: int | None = None) -> Config:
