@@ -32,6 +32,7 @@ from models.capabilities import engine_caps
 from models.client import LocalClient
 from models.registry import ModelRegistry, ModelState
 from models.sizing import plan_for
+from server.box import box_id
 from server.config import Config, is_loopback
 from server.dashboard import mount as mount_dashboard
 from server.drain import Drain
@@ -249,7 +250,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
         if bad:
             return JSONResponse({"status": "degraded", "reason": "some models are not available", "unavailable": bad, "models": models,
                                  "warnings": warnings}, status_code=503)
-        return JSONResponse({"status": "ready", "models": models, "warnings": warnings})
+        return JSONResponse({"status": "ready", "box": box_id(), "models": models, "warnings": warnings})
 
     @app.get("/admin/hardware")
     async def admin_hardware(request: Request) -> dict[str, Any]:
@@ -334,6 +335,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
                                    "last_failure": u.breaker.last_reason or None} for u in upstreams.by_name.values()},
             "failover": router.failover_status(),
             "uptime_s": round(time.monotonic() - getattr(app.state, "started", time.monotonic()), 1),
+            "box": box_id(),
         }
 
     @app.get("/admin/readiness")
@@ -368,7 +370,7 @@ def create_app(config: Config, hardware: HardwareInfo, transport: Any = None) ->
         if kind not in (None, "route", "breaker", "drill", "shadow", "admin"):
             raise InvalidRequest("kind must be 'route', 'breaker', 'drill', 'shadow' or 'admin'.", param="kind")
         rows = await asyncio.to_thread(journal.recent, max(1, min(limit, 10_000)), kind)
-        return {"object": "list", "data": rows}
+        return {"object": "list", "box": box_id(), "data": rows}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint() -> Response:

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.box import box_id
 from server.events import AdminAction, BreakerChanged, DrillFinished, Event, RouteDone, ShadowCompared
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -107,6 +108,9 @@ class StateCollector(Collector):
         return []  # no fixed description: the families are built per scrape
 
     def collect(self) -> Iterator[Any]:
+        info = GaugeMetricFamily("understudy_box_info", "This box's name (UNDERSTUDY_BOX_ID or the host name)", labels=["box"])
+        info.add_metric([box_id()], 1.0)
+        yield info
         running = GaugeMetricFamily("understudy_num_requests_running", "Requests decoding now", labels=["model"])
         waiting = GaugeMetricFamily("understudy_num_requests_waiting", "Requests (or embedding inputs) queued",
                                     labels=["model"])
