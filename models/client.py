@@ -58,6 +58,9 @@ class Load:
     slots: int = 0
     running: int = 0
     waiting: int = 0
+    kv_used: int = 0
+    kv_capacity: int = 0
+    """KV cache cells in use and in all (LLMs; 0 for the others)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ class LocalClient:
             return None
         status = engine.status()
         return Load(int(status.get("slots") or 0), int(status.get("running") or 0),
-                    int(status.get("waiting", status.get("queued_inputs")) or 0))
+                    int(status.get("waiting", status.get("queued_inputs")) or 0),
+                    int(status.get("kv_used") or 0), int(status.get("kv_capacity") or 0))
 
     # -- generation ------------------------------------------------------------------------------
     def submit(self, entry: ModelEntry, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams,

@@ -116,6 +116,7 @@ class StateCollector(Collector):
                                     labels=["model"])
         slots = GaugeMetricFamily("understudy_slots", "Sequences a model decodes together", labels=["model"])
         ready = GaugeMetricFamily("understudy_model_ready", "1 when the model is loaded and serving", labels=["model", "state"])
+        kv = GaugeMetricFamily("understudy_kv_cache_usage_ratio", "Share of the KV cache in use", labels=["model"])
         for model_id, state in self._models():
             ready.add_metric([model_id, state], 1.0 if state == "ready" else 0.0)
             load = self._load(model_id)
@@ -123,7 +124,9 @@ class StateCollector(Collector):
                 running.add_metric([model_id], load.running)
                 waiting.add_metric([model_id], load.waiting)
                 slots.add_metric([model_id], load.slots)
-        yield from (running, waiting, slots, ready)
+                if load.kv_capacity:
+                    kv.add_metric([model_id], load.kv_used / load.kv_capacity)
+        yield from (running, waiting, slots, ready, kv)
         breaker = GaugeMetricFamily("understudy_breaker_state", "1 for the breaker's current state", labels=["upstream", "state"])
         for name, state in self._breakers():
             for s in BREAKER_STATES:

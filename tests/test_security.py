@@ -152,6 +152,7 @@ def test_metrics_follow_the_requests_and_carry_no_request_text(keyed: ServerProc
     assert value('understudy_inter_token_latency_seconds_count{model="smollm2-135m-instruct",route="local"}') >= 1
     assert value('understudy_generation_tokens_total{model="smollm2-135m-instruct",route="local"}') >= 1
     assert 'understudy_num_requests_waiting{model="minilm-l6-v2"}' in text
+    assert 'understudy_kv_cache_usage_ratio{model="smollm2-135m-instruct"}' in text
     assert 'understudy_model_ready{model="triage-minilm",state="ready"} 1.0' in text
     assert value("understudy_process_resident_memory_bytes") > 10_000_000
     assert "Canary" not in text
