@@ -722,7 +722,9 @@ def load_config(path: Path | list[Path] | None, env: dict[str, str] | None = Non
     pulled = read_catalog(catalog)
     config = parse_config(with_catalog(data, name, catalog, pulled), base, env)
     if pulled:
-        config = replace(config, models=tuple(replace(m, source="pulled") if m.id in pulled else m for m in config.models))
+        hint = f"pull it again with `understudy models pull` (the comment above its table in {catalog} names the URL)"
+        config = replace(config, models=tuple(replace(m, source="pulled", missing_hint=m.missing_hint or hint)
+                                              if m.id in pulled else m for m in config.models))
     return replace(config, source=Path(name)) if name else config
 
 
