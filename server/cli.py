@@ -223,7 +223,10 @@ def cmd_events(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        from server.box import box_id
+
+        box = box_id()  # the journal is this box's: several boxes' exports stay apart
+        print(json.dumps([{**r, "box": box} for r in rows], indent=2))
         return 0
     import time as _time
 
