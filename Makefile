@@ -102,10 +102,11 @@ run: setup
 # The dashboard's browser test drives Debian's chromium through chromedriver (Playwright's own
 # browser download cannot reach its CDN from these machines). Installed once, only for the tests.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# HAProxy too: make test checks deploy/haproxy.cfg with `haproxy -c`.
 test-deps:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
-		echo "Installing chromium and chromium-driver (Debian) for the dashboard test"; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v haproxy >/dev/null || { \
+		echo "Installing chromium, chromium-driver and haproxy (Debian) for the dashboard and HAProxy config tests"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver haproxy >/dev/null; }
 
 test: setup test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
