@@ -165,7 +165,9 @@ def make_plan(hw: HardwareInfo, caps: EngineCaps, asks: list[ModelAsk]) -> Plan:
                 continue
             host_left -= need
             device = "cuda:0" if e.provider == "CUDAExecutionProvider" else "cpu"
-            out.append(ModelPlan(ask.id, ask.kind, device, _embedding_settings(e), dict(e.reasons), None, need, 0, embedding=e))
+            on_gpu = need if device == "cuda:0" else 0  # onnxruntime's CUDA arena: weights and a batch's activations
+            gpu_left -= on_gpu
+            out.append(ModelPlan(ask.id, ask.kind, device, _embedding_settings(e), dict(e.reasons), None, need, on_gpu, embedding=e))
         else:
             base = next((m for m in out if m.id == ask.depends_on), None)
             if base is None or base.refused or base.device == "-":

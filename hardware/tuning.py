@@ -53,11 +53,15 @@ class LlmShape:
     n_head: int
     n_head_kv: int
     n_ctx_train: int
+    key_length: int | None = None
+    """Per-head K and V sizes when the model states them (Qwen3: 128 while n_embd / n_head is 64)."""
+    value_length: int | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
         head_dim = self.n_embd // max(1, self.n_head)
-        return 2 * self.n_layer * self.n_head_kv * head_dim * 2  # K and V, f16
+        k, v = self.key_length or head_dim, self.value_length or self.key_length or head_dim
+        return self.n_layer * self.n_head_kv * (k + v) * 2  # K and V, f16
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,13 @@ def _value(f: BinaryIO, kind: int) -> Any:
 
 
 def read_gguf(path: Path) -> GgufInfo:
+    try:
+        return _read_gguf(path)
+    except (OverflowError, ValueError, struct.error) as exc:  # a corrupt length or seek
+        raise GgufError(f"{path} has a corrupt GGUF header ({type(exc).__name__})") from None
+
+
+def _read_gguf(path: Path) -> GgufInfo:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise GgufError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
@@ -103,9 +110,12 @@ def read_gguf(path: Path) -> GgufInfo:
 
 def _first(value: Any) -> int | None:
     """Per-layer arrays (some models vary heads by layer): the largest, which sizes the KV cache safely."""
-    if isinstance(value, list):
-        return max(int(v) for v in value) if value else None
-    return None if value is None else int(value)
+    try:
+        if isinstance(value, list):
+            return max(int(v) for v in value) if value else None
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        raise GgufError(f"a GGUF shape value is not a number: {type(value).__name__}") from None
 
 
 def llm_shape(path: Path, info: GgufInfo | None = None) -> LlmShape:
@@ -124,4 +134,5 @@ def llm_shape(path: Path, info: GgufInfo | None = None) -> LlmShape:
     if missing:
         raise GgufError(f"{path} ({arch}) lacks {', '.join(missing)} in its metadata")
     head_kv = _first(info.arch_value("attention.head_count_kv")) or values["n_head"]
-    return LlmShape(file_bytes=path.stat().st_size, n_head_kv=head_kv, **values)  # type: ignore[arg-type]
+    return LlmShape(file_bytes=path.stat().st_size, n_head_kv=head_kv, key_length=_first(info.arch_value("attention.key_length")),
+                    value_length=_first(info.arch_value("attention.value_length")), **values)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from server.config import Config, ConfigError, load_config, with_overrides
+from server.keys import KeyFileError
 
 from hardware.tuning import MIB
 
@@ -41,8 +42,10 @@ def _refuse_insecure(config: Config, insecure: bool) -> str | None:
     """Why this config must not start (one line), or None."""
     from server.config import is_loopback
 
+    from server.keys import KeyStore
+
     server = config.server
-    has_keys = bool(server.api_keys or server.admin_key or server.key_file)
+    has_keys = bool(KeyStore(server.api_keys, server.admin_key, server.metrics_key, server.key_file).keys)
     if not is_loopback(server.host) and not has_keys and not insecure:
         return (f"refusing to listen on {server.host} without API keys: anyone on the network could use it. Set "
                 "UNDERSTUDY_API_KEYS (and UNDERSTUDY_ADMIN_KEY), or [server] key_file, or pass --insecure-no-auth")
@@ -97,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     self.should_exit = True
                 loop.call_soon_threadsafe(lambda: loop.create_task(stop()))
                 return
-            super().handle_exit(sig, frame)
+            self.force_exit = True  # a third signal: stop now (not re-raised: the exit status stays 0)
 
     DrainingServer(uv_config).run()
     return 0
@@ -175,8 +178,6 @@ def _plan_table(plan: Any) -> str:
         first = True
         items = [(k, m.settings.get(k, "")) for k in m.reasons] or [("-", "")]
         for key, value in items:
-            if key not in m.settings and key in m.reasons and m.settings:
-                value = m.settings.get(key, "")
             rows.append([m.id if first else "", m.device if first else "", key, str(value), m.reasons.get(key, "")])
             first = False
     lines = [_table(rows), "", plan.summary()]
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"understudy: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyFileError as exc:
+        print(f"understudy: {exc}", file=sys.stderr)
         return 2
 
 

@@ -20,9 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Callable
 
 SHUTTING_DOWN = "The server is shutting down; the answer above is incomplete. Retry the request (another box may take it)."
+_CUT: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
+
+
+def cut_here() -> bool:
+    """Whether the drain is ending the current task's request (so that its journal line says
+    503, not a client that went away). Any code on the request's task may ask."""
+    return asyncio.current_task() in _CUT
 
 
 class Drain:
@@ -54,6 +62,7 @@ class Drain:
         tasks = [t for t in self._streams if t not in self._cut and not t.done()]
         for task in tasks:
             self._cut.add(task)
+            _CUT.add(task)
             task.cancel()
         self.cut_count += len(tasks)
         return len(tasks)
@@ -64,6 +73,8 @@ class Drain:
         self.state = "draining"
         note("drain_start", f"grace {self.grace_s:g} s, timeout {self.timeout_s:g} s, {self.inflight} in flight")
         await asyncio.sleep(self.grace_s)
+        if self.state != "draining":
+            return  # a second signal already ended it (``finish`` and the stop ran)
         self.state = "refusing"
         deadline = time.monotonic() + self.timeout_s
         while self.inflight > 0 and time.monotonic() < deadline and self.state == "refusing":

@@ -53,9 +53,11 @@ def env_key_id(secret: str) -> str:
 
 def parse_key_file(path: Path) -> list[Key]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise KeyFileError(f"key file {path} cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"key file {path} is not UTF-8 text") from None
     keys: list[Key] = []
     seen: set[str] = set()
     for number, line in enumerate(text.splitlines(), 1):
@@ -85,8 +87,8 @@ def parse_key_file(path: Path) -> list[Key]:
                 value = _LIMITS[name](raw)
             except ValueError:
                 raise KeyFileError(f"{where}: {name} must be a number, got {raw!r}") from None
-            if not value > 0:
-                raise KeyFileError(f"{where}: {name} must be more than 0")
+            if not 0 < value < float("inf"):
+                raise KeyFileError(f"{where}: {name} must be a finite number above 0")
             values[name] = value
         keys.append(Key(key_id, secret=secret.encode(), **values))  # type: ignore[arg-type]
     return keys
@@ -104,11 +106,16 @@ class KeyStore:
         self._keys: list[Key] = list(self._fixed)
         if key_file is not None:
             self._keys += parse_key_file(key_file)
+        self.required = bool(self._fixed) or key_file is not None
+        """Decided once, from the configuration: a key file emptied by a reload never opens the server."""
 
     def reload(self) -> int:
         """Re-read the key file; returns how many keys are now valid. ``KeyFileError`` keeps the old set."""
         if self.key_file is not None:
-            self._keys = self._fixed + parse_key_file(self.key_file)
+            keys = self._fixed + parse_key_file(self.key_file)
+            if not keys:
+                raise KeyFileError(f"key file {self.key_file} has no key left: refusing to leave the server without one")
+            self._keys = keys
         return len(self._keys)
 
     @property
@@ -120,15 +127,17 @@ class KeyStore:
 
     @property
     def enabled(self) -> bool:
-        """Any key at all: every route but the open ones then needs one."""
-        return bool(self._keys)
+        """Keys are configured (env or key file): every route but the open ones needs one, even
+        while the key file holds none (then every call is a 401, never an open server)."""
+        return self.required
 
     def match(self, token: str) -> Key | None:
-        """Compare with every key (no early exit): the timing says nothing about which matched."""
-        presented = token.encode()
+        """Compare the SHA-256 digests with every key's (no early exit, equal lengths): the timing
+        says nothing about which key matched, nor about any key's length."""
+        presented = hashlib.sha256(token.encode()).digest()
         found = None
         for key in self._keys:
-            if hmac.compare_digest(presented, key.secret) and found is None:
+            if hmac.compare_digest(presented, hashlib.sha256(key.secret).digest()) and found is None:
                 found = key
         return found
 

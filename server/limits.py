@@ -15,6 +15,7 @@ event-loop thread.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,17 +45,24 @@ def check_json_shape(body: Any) -> None:
 
 
 def _text_bytes(value: Any) -> int:
+    """UTF-8 bytes of the text, with 4 per token id (a prompt given as token ids)."""
     if isinstance(value, str):
         return len(value.encode("utf-8", "replace"))
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return 4
     if isinstance(value, list):
         return sum(_text_bytes(v) for v in value)
     if isinstance(value, dict):
-        return sum(_text_bytes(v) for k, v in value.items() if k in _TEXT_FIELDS or k == "text")
+        return sum(_text_bytes(v) for k, v in value.items() if k in _TEXT_FIELDS or k in ("arguments", "tool_calls"))
     return 0
 
 
 def estimated_prompt_tokens(body: dict[str, Any]) -> int:
-    return sum(_text_bytes(body.get(k)) for k in _TEXT_FIELDS) // 4
+    """Text fields and token ids, plus the tool definitions (relayed to the cloud as they are)."""
+    tools = len(json.dumps(body.get("tools"))) if body.get("tools") else 0
+    return (sum(_text_bytes(body.get(k)) for k in _TEXT_FIELDS) + tools) // 4
 
 
 def _number(value: Any) -> float | None:
@@ -71,11 +79,14 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def check_key_caps(key: Key | None, body: dict[str, Any]) -> None:
-    """May set ``body["max_tokens"]``: a capped key's generation request that names no limit
-    (absent or null) gets the cap as its limit, never the whole context."""
+def check_key_caps(key: Key | None, body: dict[str, Any]) -> bool:
+    """True when it set ``body["max_tokens"]`` (the caller re-encodes the body the cloud gets): a
+    capped key's chat request that names no limit (absent or null), or a completion whose
+    ``max_tokens`` is null, gets the cap as its limit, never the whole context. (An absent
+    completions ``max_tokens`` is OpenAI's 16.)"""
     if key is None:
-        return
+        return False
+    changed = False
     if key.max_tokens is not None and ("messages" in body or "prompt" in body):
         asked_any = False
         for name in ("max_tokens", "max_completion_tokens"):
@@ -86,13 +97,15 @@ def check_key_caps(key: Key | None, body: dict[str, Any]) -> None:
             if not asked <= key.max_tokens:
                 raise InvalidRequest(f"{name} = {body[name]} is more than this API key may ask for ({key.max_tokens}).",
                                      param=name, code="key_limit_exceeded")
-        if not asked_any:
+        if not asked_any and ("messages" in body or "max_tokens" in body):
             body["max_tokens"] = key.max_tokens
+            changed = True
     if key.max_prompt_tokens is not None:
         estimate = estimated_prompt_tokens(body)
         if estimate > key.max_prompt_tokens:
             raise InvalidRequest(f"The prompt is about {estimate} tokens, more than this API key may send "
                                  f"({key.max_prompt_tokens}).", code="key_limit_exceeded")
+    return changed
 
 
 class RateLimiter:

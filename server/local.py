@@ -35,6 +35,7 @@ from models.priority import Priority
 from models.registry import ModelEntry
 from models.sequence import SamplingParams
 from server import openai_format as fmt
+from server.drain import cut_here
 from server.errors import (
     ApiError,
     ContextLengthExceeded,
@@ -281,8 +282,8 @@ class LocalModels:
                 ttft = first_at - started if first_at is not None and started is not None else None
                 n = final.completion_tokens if final is not None else 0
                 itl = (last_at - first_at) / (n - 1) if first_at is not None and last_at is not None and n > 1 else None
-                if final is None:
-                    done(499, None, None, ttft_s=ttft, itl_s=itl)
+                if final is None:  # the client went away, or the drain ended the stream (server.drain)
+                    done(503 if cut_here() else 499, None, None, ttft_s=ttft, itl_s=itl)
                 elif final.error is not None:
                     done(engine_error(final.error).status, final.prompt_tokens, final.completion_tokens, ttft_s=ttft, itl_s=itl)
                 else:

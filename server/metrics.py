@@ -18,6 +18,7 @@ Event-loop thread for ``consume``; the collector runs in the scrape's handler.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -90,6 +91,20 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def cached(read: Callable[[], Any], max_age_s: float) -> Callable[[], Any]:
+    """``read()`` at most every ``max_age_s`` (NVML's init/query/shutdown costs milliseconds, up
+    to seconds without persistence mode: a scrape must not stall the streams on the loop)."""
+    state: dict[str, Any] = {"at": float("-inf"), "value": None}
+
+    def get() -> Any:
+        now = time.monotonic()
+        if now - state["at"] >= max_age_s:
+            state["value"], state["at"] = read(), now
+        return state["value"]
+
+    return get
 
 
 class StateCollector(Collector):

@@ -45,6 +45,7 @@ from models.catalog import ModelKind
 from server import openai_format as fmt
 from server.breaker import BreakerState, CircuitBreaker
 from server.config import WorkloadConfig
+from server.drain import cut_here
 from server.errors import ApiError, InvalidRequest, UpstreamUnavailable
 from server.events import EventBus
 from server.failover.attempt import Attempt
@@ -365,6 +366,7 @@ class Router:
         finally:
             await stream.aclose()
             usage = stream.usage or {}
+            reason = "server_shutting_down" if reason is None and cut_here() else reason
             self._record(ex, "cloud", model, reason, 200, usage.get("prompt_tokens"), usage.get("completion_tokens"),
                          detail="stream broken" if reason else None, ttft_s=ready.first_content_s)
 

@@ -211,3 +211,22 @@ def test_the_server_applies_the_plan_it_reports(server) -> None:  # type: ignore
             if key in planned[model_id]["settings"] and key in loaded:
                 assert loaded[key] == planned[model_id]["settings"][key], (model_id, key)
     assert "plan: smollm2-135m-instruct on cpu" in server.log()
+
+
+def test_a_models_own_head_size_sizes_its_kv_cache() -> None:
+    # Qwen3-0.6B: n_embd / n_head is 64, but its heads are 128 wide (attention.key_length).
+    qwen = LlmShape(file_bytes=400 * MIB, n_layer=28, n_embd=1024, n_head=16, n_head_kv=8, n_ctx_train=40960,
+                    key_length=128, value_length=128)
+    guessed = LlmShape(**{**qwen.__dict__, "key_length": None, "value_length": None})
+    assert qwen.kv_bytes_per_token == 2 * guessed.kv_bytes_per_token == 28 * 8 * 256 * 2
+
+
+def test_a_corrupt_gguf_header_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
+    import struct
+
+    bad = tmp_path / "bad.gguf"
+    key = b"general.architecture"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+                    + struct.pack("<IIQ", 9, 8, 2**62))  # an array of 2**62 strings
+    with pytest.raises(GgufError):
+        read_gguf(bad)

@@ -199,3 +199,25 @@ def test_https_is_served_when_a_certificate_is_configured(tmp_path: Path) -> Non
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
+
+
+def test_a_key_file_emptied_by_a_reload_never_opens_the_server(tmp_path: Path) -> None:
+    from server.edge import host_name
+    from server.keys import KeyFileError, KeyStore
+
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("ops ops-key-0123456789abcdef role=admin rpm=60\n")
+    store = KeyStore(key_file=keyfile)
+    keyfile.write_text("# every key revoked\n")
+    with pytest.raises(KeyFileError, match="no key left"):
+        store.reload()
+    assert store.enabled and store.match("ops-key-0123456789abcdef") is not None  # the old keys stay
+    assert KeyStore(key_file=keyfile).enabled  # a key file with no key: every call is a 401, not an open server
+    assert KeyStore(key_file=keyfile).match("") is None
+    keyfile.write_text("ops ops-key-0123456789abcdef rpm=inf\n")
+    with pytest.raises(KeyFileError, match="finite"):
+        KeyStore(key_file=keyfile)
+    keyfile.write_bytes(b"ops \xff\xfe-not-utf8-key-000000\n")
+    with pytest.raises(KeyFileError, match="UTF-8"):
+        KeyStore(key_file=keyfile)
+    assert host_name("Box.Local:8080") == "box.local" and host_name("[::1]:8080") == "::1"
