@@ -3,7 +3,7 @@
 The schema is the server's own ``/openapi.json`` (fetched with the admin key): FastAPI's routes
 plus the generation endpoints with the pydantic request schemas the router validates with
 (``server.app.openapi_with_fast_paths``). For every operation, schemathesis generates valid and
-invalid requests (hypothesis, ``UNDERSTUDY_FUZZ_EXAMPLES`` examples per operation, 400 by
+invalid requests (hypothesis, ``UNDERSTUDY_FUZZ_EXAMPLES`` examples per operation, 200 by
 default: about a minute and a half on 2 idle cores; ``make fuzz`` (``scripts/fuzz.py``) raises it
 for a long run), and each one is sent:
 
@@ -53,7 +53,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, ServerProc, run_server  # noqa: E402
 
-EXAMPLES = int(os.environ.get("UNDERSTUDY_FUZZ_EXAMPLES", "400"))
+EXAMPLES = int(os.environ.get("UNDERSTUDY_FUZZ_EXAMPLES", "200"))
 SEED = os.environ.get("UNDERSTUDY_FUZZ_SEED")
 REPORT = os.environ.get("UNDERSTUDY_FUZZ_REPORT")
 REQUEST_TIMEOUT_S = 60.0
