@@ -4,7 +4,7 @@ The schema is the server's own ``/openapi.json`` (fetched with the admin key): F
 plus the generation endpoints with the pydantic request schemas the router validates with
 (``server.app.openapi_with_fast_paths``). For every operation, schemathesis generates valid and
 invalid requests (hypothesis, ``UNDERSTUDY_FUZZ_EXAMPLES`` examples per operation, 200 by
-default: about a minute and a half on 2 idle cores; ``make fuzz`` (``scripts/fuzz.py``) raises it
+default: under a minute on 2 idle cores; ``make fuzz`` (``scripts/fuzz.py``) raises it
 for a long run), and each one is sent:
 
 - without a key, and with a wrong key: 401 ``invalid_api_key`` on every route but ``/health``
