@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from server.toml_write import toml_key, toml_value
+
 _CHUNK = 1 << 20
 _HEAD = 64
 """Bytes looked at before the rest of a fresh download is accepted (``head_check``)."""
@@ -616,40 +618,7 @@ CATALOG_HEADER = """\
 # table. Tune a pulled model in your config (e.g. [models."<id>"] slots = 4): a key set in both files to
 # different values is a configuration error.
 """
-_BARE = re.compile(r"[A-Za-z0-9_-]+")
 _HEADER_LINE = re.compile(r"^\[\s*models\s*\.\s*(.+?)\s*\]\s*(?:#.*)?$")
-
-
-def toml_key(key: str) -> str:
-    return key if _BARE.fullmatch(key) else toml_string(key)
-
-
-def toml_string(value: str) -> str:
-    out = []
-    for ch in value:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif (ord(ch) < 0x20 and ch != "\t") or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)  # inf, -inf and nan are TOML too
-    if isinstance(value, str):
-        return toml_string(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to the models file")
 
 
 def _comments(text: str) -> dict[str, list[str]]:
