@@ -354,31 +354,23 @@ def _model_kind(spec: Any) -> str | None:
     return None
 
 
-def hardware_defaults(spec: Any, hw: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The settings ``models.registry`` derives for ``spec`` on this hardware (``hardware.tuning``),
-    without loading the weights; ``overrides`` as a config would give them."""
-    from hardware.tuning import LlmOverrides, tune_embedding, tune_llm
+def hardware_defaults(specs: dict[str, Any], model_id: str, hw: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings the server's own plan gives ``model_id`` on this hardware (``models.sizing.plan_for``,
+    what the registry applies: the cores and memory shared with the other models), without loading
+    any weights, ignoring what the config sets for the tuned keys; ``overrides`` as a config would give them."""
+    from dataclasses import replace
 
-    o = overrides or {}
-    if _model_kind(spec) == "chat":
-        from models.llama_runner import LlamaModel, gpu_offload_supported
+    from models.capabilities import engine_caps
+    from models.sizing import plan_for
 
-        # The weights are mmapped, not read (a vocab_only load has no layer metadata: llama.cpp
-        # aborts on llama_model_n_head).
-        probe = LlamaModel(spec.path)
-        try:
-            shape = probe.shape()
-        finally:
-            probe.close()
-        if spec.context_length:
-            shape = type(shape)(**{**shape.__dict__, "n_ctx_train": spec.context_length})
-        t = tune_llm(hw, shape, LlmOverrides(**{k: o.get(k) for k in ("threads", "slots", "kv_tokens", "batch_tokens", "max_waiting")}),
-                     gpu_offload_supported=gpu_offload_supported() and hw.gpu.count > 0)
-        return {"threads": t.threads, "slots": t.slots, "kv_tokens": t.kv_tokens, "batch_tokens": t.batch_tokens,
-                "max_waiting": t.max_waiting}
-    e = tune_embedding(hw, spec.context_length or 512, threads=o.get("threads"), max_batch_requests=o.get("max_batch_requests"),
-                       max_waiting=o.get("max_waiting"))
-    return {"threads": e.threads, "max_batch_requests": e.max_batch_requests, "max_waiting": e.max_waiting}
+    spec = specs[model_id]
+    kind = _model_kind(spec)
+    cleared = {k: None for k in FRAGMENT_KEYS[kind]} if kind else {}  # the machine's defaults, not the config's pins
+    spec = replace(spec, options=replace(spec.options, **{**cleared, **(overrides or {})}))
+    planned = plan_for([spec if s.id == model_id else s for s in specs.values()], hw, engine_caps()).get(model_id)
+    if planned is None or planned.refused or not planned.settings:
+        raise UsageError(f"{model_id}: the plan gives it no settings ({planned.refused if planned else 'not planned'})")
+    return planned.settings
 
 
 def preflight(args: argparse.Namespace) -> Setup:
@@ -433,7 +425,7 @@ def preflight(args: argparse.Namespace) -> Setup:
             hw = detect()
             specs = {s.id: s for s in config.models}
             for model_id, keys in pinned.items():
-                defaults = hardware_defaults(specs[model_id], hw)
+                defaults = hardware_defaults(specs, model_id, hw)
                 for key, value in keys.items():
                     if defaults.get(key) != value:
                         raise UsageError(
@@ -1501,7 +1493,7 @@ def _run(setup: Setup, args: argparse.Namespace, command: str, started: float) -
 
         def kv_for_slots(model_id: str, slots: int) -> int:
             pin = setup.pinned.get(model_id, {})
-            return int(hardware_defaults(specs[model_id], hw_info, {**pin, "slots": slots})["kv_tokens"])
+            return int(hardware_defaults(specs, model_id, hw_info, {**pin, "slots": slots})["kv_tokens"])
 
         def quiet(message: str) -> None:
             pass

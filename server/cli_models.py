@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import sys
 import time
@@ -66,16 +65,9 @@ def _usage(message: str) -> int:
     return 2
 
 
-def _state_dir(data: dict[str, Any], base: Path) -> Path:
-    server = data.get("server", {})
-    raw = server.get("state_dir", ".understudy") if isinstance(server, dict) else ".understudy"
-    p = Path(os.path.expanduser(str(raw)))
-    return p if p.is_absolute() else (base / p).resolve()
-
-
 def cmd_pull(args: argparse.Namespace) -> int:
     from models.catalog import default_catalog
-    from server.config import catalog_file, config_data, parse_config, read_catalog, with_catalog
+    from server.config import catalog_file, config_data, parse_config, read_catalog, state_dir_of, with_catalog
     from server import models_pull as mp
 
     model_id, kind = args.model_id, args.kind
@@ -109,7 +101,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if model_id in embedded:
         return _usage(f"{model_id!r} is an embedded model's id; pull it under another id")
 
-    dest_dir = (Path(args.dest).expanduser().resolve() if args.dest else _state_dir(data, base) / "models") / model_id
+    dest_dir = (Path(args.dest).expanduser().resolve() if args.dest else state_dir_of(data, base) / "models") / model_id
     if kind == "chat":
         model_path = dest_dir / mp.file_name(args.url, f"{model_id}.gguf")
         entry: dict[str, Any] = {"kind": "chat", "format": "gguf", "path": str(model_path), "sha256": args.sha256.lower()}

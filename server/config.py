@@ -657,16 +657,21 @@ def config_data(path: Path | list[Path] | None, env: dict[str, str] | None = Non
     return data, paths[0].resolve().parent, " + ".join(map(str, paths))
 
 
-def catalog_file(data: dict[str, Any], base: Path) -> Path:
-    """Where the pulled models' catalog of this config is: ``[server] models_file``, else
-    ``<state_dir>/models.toml`` (``ServerConfig.catalog_file``, before the config is parsed)."""
+def state_dir_of(data: dict[str, Any], base: Path) -> Path:
+    """``[server] state_dir`` of a config not parsed yet (``ServerConfig.state_dir`` once it is)."""
     server = data.get("server", {})
     if not isinstance(server, dict):
         raise ConfigError("server", "must be a table")
-    named = _take(server, "models_file", str, "server")
+    return _path(_take(server, "state_dir", str, "server", ".understudy"), base)
+
+
+def catalog_file(data: dict[str, Any], base: Path) -> Path:
+    """Where the pulled models' catalog of this config is: ``[server] models_file``, else
+    ``<state_dir>/models.toml`` (``ServerConfig.catalog_file``, before the config is parsed)."""
+    named = _take(data.get("server", {}) if isinstance(data.get("server"), dict) else {}, "models_file", str, "server")
     if named is not None:
         return _path(named, base)
-    return _path(_take(server, "state_dir", str, "server", ".understudy"), base) / CATALOG_FILE
+    return state_dir_of(data, base) / CATALOG_FILE
 
 
 def read_catalog(path: Path) -> dict[str, dict[str, Any]]:

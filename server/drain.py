@@ -38,20 +38,24 @@ class Drain:
         self.grace_s = grace_s
         self.timeout_s = timeout_s
         self.state = "serving"
-        self.inflight = 0
-        self._streams: set[asyncio.Task[object]] = set()
+        self._requests: set[asyncio.Task[object]] = set()
         self._cut: set[asyncio.Task[object]] = set()
         self.cut_count = 0
+
+    @property
+    def inflight(self) -> int:
+        """Requests being served now (``Edge`` registers each one's task)."""
+        return len(self._requests)
 
     @property
     def refusing(self) -> bool:
         return self.state in ("refusing", "stopping")
 
     def register(self, task: asyncio.Task[object]) -> None:
-        self._streams.add(task)
+        self._requests.add(task)
 
     def unregister(self, task: asyncio.Task[object]) -> None:
-        self._streams.discard(task)
+        self._requests.discard(task)
         self._cut.discard(task)
 
     def was_cut(self, task: asyncio.Task[object] | None) -> bool:
@@ -59,7 +63,7 @@ class Drain:
 
     def cut_all(self) -> int:
         """End every request still running: streams with an error event, the others with a 503."""
-        tasks = [t for t in self._streams if t not in self._cut and not t.done()]
+        tasks = [t for t in self._requests if t not in self._cut and not t.done()]
         for task in tasks:
             self._cut.add(task)
             _CUT.add(task)
@@ -88,4 +92,4 @@ class Drain:
         if cut:
             await asyncio.sleep(0.2)  # let the cut streams write their error event
         if note is not None:
-            note("drain_end", f"{cut} streams ended with an error event, {self.inflight} still in flight")
+            note("drain_end", f"{cut} requests ended (streams with an error event, queued ones with a 503), {self.inflight} still in flight")

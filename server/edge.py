@@ -74,7 +74,6 @@ class Edge:
         drain = self.drain
         task = asyncio.current_task()
         assert task is not None
-        drain.inflight += 1
         drain.register(task)
         started = False
 
@@ -93,7 +92,6 @@ class Edge:
                 exc = ShuttingDown("The server is shutting down; retry the request (another box may take it).", retry_after=5)
                 await JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())(scope, receive, send)
         finally:
-            drain.inflight -= 1
             drain.unregister(task)
 
     def _admit(self, scope: dict[str, Any]) -> None:

@@ -65,7 +65,7 @@ def estimated_prompt_tokens(body: dict[str, Any]) -> int:
     return (sum(_text_bytes(body.get(k)) for k in _TEXT_FIELDS) + tools) // 4
 
 
-def _number(value: Any) -> float | None:
+def lax_number(value: Any) -> float | None:
     """What the request schema's lax parsing will read as a number (``100``, ``100.0``, ``"100"``)."""
     if isinstance(value, bool):
         return None
@@ -90,7 +90,7 @@ def check_key_caps(key: Key | None, body: dict[str, Any]) -> bool:
     if key.max_tokens is not None and ("messages" in body or "prompt" in body):
         asked_any = False
         for name in ("max_tokens", "max_completion_tokens"):
-            asked = _number(body.get(name))
+            asked = lax_number(body.get(name))
             if asked is None:
                 continue  # absent, null, or a type the schema refuses with its own 400
             asked_any = True

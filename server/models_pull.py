@@ -49,6 +49,15 @@ MAX_RESTARTS = 3
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (the directory entry, not only the file's bytes)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class PullError(Exception):
     """A pull that failed; the message says what happened and what is left on disk."""
 
@@ -382,11 +391,7 @@ def _install(partial: Path, dest: Path) -> None:
     finally:
         os.close(fd)
     os.replace(partial, dest)
-    fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(dest.parent)
 
 
 def fetch(url: str, dest: Path, sha256: str, *, head_check: Callable[[bytes], None] | None = None,
@@ -691,11 +696,7 @@ def update_catalog(path: Path, model_id: str, entry: dict[str, Any] | None, comm
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path.parent)
 
 
 if __name__ == "__main__":

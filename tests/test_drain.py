@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
@@ -67,4 +66,3 @@ def test_sigterm_drains_without_cutting_an_answer_silently(tmp_path: Path) -> No
         routes = conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'route'").fetchone()[0]
         conn.close()
         assert actions[:2] == ["drain_start", "drain_end"] and routes >= 5  # flushed before exit
-    assert isinstance(srv.process, subprocess.Popen)

@@ -51,6 +51,7 @@ from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
+from server.limits import lax_number  # noqa: E402
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, ServerProc, run_server  # noqa: E402
 
 EXAMPLES = int(os.environ.get("UNDERSTUDY_FUZZ_EXAMPLES", "200"))
@@ -171,20 +172,6 @@ def api_schema(fuzz_server: ServerProc) -> Any:
 
 
 # -- one example ----------------------------------------------------------------------------------
-def _number(value: Any) -> float | None:
-    """What pydantic's lax mode would read as a number (``16``, ``16.0``, ``"16"``), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
 def bounded(case: Any, data: st.DataObject) -> None:
     """Name a real model half the time; keep the local model's generation short.
 
@@ -203,7 +190,7 @@ def bounded(case: Any, data: st.DataObject) -> None:
     if "model" in body and data.draw(st.booleans(), label="real model"):
         body["model"] = data.draw(st.sampled_from(REAL_MODELS[path]), label="model")
     for name in ("max_tokens", "max_completion_tokens"):
-        asked = _number(body.get(name))
+        asked = lax_number(body.get(name))
         if asked is None or not (math.isnan(asked) or asked > MAX_TOKENS):
             continue
         if not isinstance(body[name], int):  # 100.0 and "100" pass the key's cap (a bug): never sent as such
@@ -216,7 +203,7 @@ def bounded(case: Any, data: st.DataObject) -> None:
         body["max_tokens"] = MAX_TOKENS
     if path == "/v1/summarize":
         words = body.get("max_words")
-        if words is None or (_number(words) or 0) > MAX_WORDS:
+        if words is None or (lax_number(words) or 0) > MAX_WORDS:
             body["max_words"] = MAX_WORDS
     if body != case.body:
         case.body = body  # reassigned, so that schemathesis re-validates the case (valid or not)
